@@ -12,7 +12,7 @@ from walt_export.config import PRESETS, STAGE_NAMES, CascadeConfig, DenoiserConf
 from walt_export.models.denoiser import WaltDenoiser
 from walt_export.models.super_resolution import SuperResDenoiser
 from walt_export.models.text_encoder import T5Encoder
-from walt_export.models.tokenizer import Tokenizer
+from walt_export.models.tokenizer import Tokenizer, TokenizerDecoder, TokenizerEncoder
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,24 @@ log = logging.getLogger(__name__)
 def build_denoiser(cfg: DenoiserConfig) -> WaltDenoiser:
     """The denoiser module of a stage config: `SuperResDenoiser` for a `SuperResConfig`."""
     return SuperResDenoiser(cfg) if isinstance(cfg, SuperResConfig) else WaltDenoiser(cfg)
+
+
+# Every separately exported part of a cascade, in pipeline order
+PARTS = ("text_encoder", "base", "sr1", "sr2", "tokenizer_encoder", "tokenizer_decoder")
+
+
+def build_part(cfg: CascadeConfig, part: str) -> nn.Module | None:
+    """One part of a cascade on the default device with the current RNG, or None when the preset has none."""
+    if part == "text_encoder":
+        return T5Encoder(cfg.text_encoder) if cfg.text_encoder is not None else None
+    if part in STAGE_NAMES:
+        stage = getattr(cfg, part)
+        return build_denoiser(stage) if stage is not None else None
+    if part == "tokenizer_encoder":
+        return TokenizerEncoder(cfg.tokenizer)
+    if part == "tokenizer_decoder":
+        return TokenizerDecoder(cfg.tokenizer)
+    raise ValueError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
 
 
 def count_parameters(module: nn.Module | None) -> int:
@@ -33,10 +51,8 @@ class Cascade(nn.Module):
         super().__init__()
         self.config = cfg
         self.tokenizer = Tokenizer(cfg.tokenizer)
-        self.text_encoder = T5Encoder(cfg.text_encoder) if cfg.text_encoder is not None else None
-        for name in STAGE_NAMES:
-            stage = getattr(cfg, name)
-            setattr(self, name, build_denoiser(stage) if stage is not None else None)
+        for name in ("text_encoder", *STAGE_NAMES):
+            setattr(self, name, build_part(cfg, name))
         self._text_tokenizer: TextTokenizer | None = None
 
     def stages(self) -> dict[str, WaltDenoiser]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 OP_DOMAIN = "wattn"  # ONNX domain and TensorRT plugin namespace
 OP_TYPE = "WindowAttention3D"  # ONNX op type and TensorRT plugin name
@@ -90,7 +91,7 @@ def window_attention3d(
 
 
 @window_attention3d.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, wt: int, wh: int, ww: int, scale: float) -> Tensor:
+def _fake(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, wt: int, wh: int, ww: int, scale: float) -> Tensor:
     return torch.empty_like(q)
 
 
@@ -100,3 +101,15 @@ def window_attention(
     """Call the op with a (wt, wh, ww) window; see the module docstring for the contract."""
     wt, wh, ww = (int(w) for w in window)
     return torch.ops.wattn.window_attention3d(q, k, v, bias, wt, wh, ww, float(scale))
+
+
+def window_attention_flops(shape: Sequence[int], window: Sequence[int]) -> int:
+    """FLOPs (2 per multiply-add) of q k^T and of the product with v: 4 * N * tokens * L * d."""
+    n, t, h, w, d = shape
+    wt, wh, ww = resolve_window(window, (t, h, w))
+    return 4 * n * t * h * w * (wt * wh * ww) * d
+
+
+@register_flop_formula(torch.ops.wattn.window_attention3d)
+def _flops(q_shape, k_shape, v_shape, bias_shape, wt, wh, ww, scale, *args, out_shape=None, **kwargs) -> int:
+    return window_attention_flops(q_shape, (wt, wh, ww))  # lets torch.utils.flop_counter count the op

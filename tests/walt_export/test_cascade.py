@@ -43,3 +43,27 @@ def test_summary_names_every_part(micro):
         assert part in text
     assert "9 frames x 128x128 px @ 8 fps" in text
     assert f"{sum(p.numel() for p in micro.parameters()):,}" in text
+
+
+# walt-spec.md §5: rough cost of one t2v forward at batch 1, TFLOP (2 per multiply-add), and the allowed deviation
+SPEC_TFLOP = {"base": 15.0, "sr1": 5.6, "sr2": 1.8, "tokenizer_decoder": 170.0}
+SPEC_TFLOP_TOLERANCE = 0.20
+
+
+@pytest.mark.parametrize("part", list(SPEC_TFLOP))
+def test_t2v_compute_matches_the_spec_estimates(part):
+    """Counted on the meta device: window sizes, token grids and widths give the paper's cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from walt_export.cascade import build_part
+    from walt_export.inputs import part_inputs
+
+    cfg = walt_export.PRESETS["t2v"]
+    with torch.device("meta"):
+        module = build_part(cfg, part)
+    args, kwargs = part_inputs(cfg, part, batch=1, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*args, **kwargs)
+    tflop = counter.get_total_flops() / 1e12
+    deviation = tflop / SPEC_TFLOP[part] - 1
+    assert abs(deviation) <= SPEC_TFLOP_TOLERANCE, f"{part}: {tflop:.2f} TFLOP, {deviation:+.0%} from ~{SPEC_TFLOP[part]}"

@@ -5,35 +5,14 @@ import walt_export
 from runtime.compare import Tolerance, assert_close
 from walt_export.cascade import build_denoiser
 from walt_export.config import PRESETS, DenoiserConfig
+from walt_export.inputs import denoiser_inputs
 from walt_export.models.denoiser import WindowSelfAttention, relative_position_index
 
 TOL = Tolerance(atol=1e-5, rtol=1e-5)
 
 
-def stage_inputs(stage, generator, batch=2, frames=None, text=None):
-    """Seeded positional inputs and keyword conditioning for a denoiser stage."""
-    cfg = stage.config
-    t, h, w = cfg.latent_size
-    t = frames or t
-    c = cfg.latent_channels
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    args = [rand(batch, c, t, h, w), torch.rand(batch, generator=generator) * 999, rand(batch, c, t, h, w),
-            rand(batch, c, t, h, w), (torch.rand(batch, t, generator=generator) > 0.5).float()]
-    if hasattr(cfg, "upsample_factor"):
-        f = cfg.upsample_factor
-        args += [rand(batch, c, t, h // f, w // f), torch.rand(batch, generator=generator) * 250]
-    kwargs = {}
-    if cfg.conditioning == "text":
-        length = 7
-        kwargs = dict(text=rand(batch, length, cfg.text_dim) if text is None else text,
-                      text_mask=torch.ones(batch, length, dtype=torch.int64))
-        kwargs["text_mask"][0, 4:] = 0
-    elif cfg.conditioning == "class":
-        kwargs = dict(class_labels=torch.tensor([3, cfg.num_classes])[:batch])
-    return args, kwargs
+def stage_inputs(stage, generator, batch=2, frames=None):
+    return denoiser_inputs(stage.config, batch=batch, frames=frames, text_length=7, generator=generator)
 
 
 def class_denoiser():
@@ -72,7 +51,8 @@ def test_masked_text_tokens_are_ignored(micro, generator):
     args, kwargs = stage_inputs(stage, generator)
     out = stage(*args, **kwargs)
     text = kwargs["text"].clone()
-    text[0, 4:] = 100.0  # padding of sample 0
+    assert kwargs["text_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    text[0, 3:] = 100.0  # padding of sample 0
     assert_close(stage(*args, **(kwargs | dict(text=text))), out, TOL, "output with changed padding")
     text[0, 0] = 100.0  # a real token
     assert (stage(*args, **(kwargs | dict(text=text)))[0] - out[0]).abs().max() > 1e-4

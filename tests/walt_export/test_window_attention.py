@@ -96,3 +96,14 @@ def test_bad_inputs_are_explained(generator, args, message):
     call = dict(q=q, k=k, v=v, window=(3, 2, 2), scale=1.0, bias=None) | args
     with pytest.raises(ValueError, match=message):
         window_attention(**call)
+
+
+def test_flop_counter_counts_the_op_like_full_attention_per_frame(generator):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = qkv(generator, (3, 4, 6))
+    with FlopCounterMode(display=False) as op_count:
+        window_attention(q, k, v, SPATIAL_WINDOW, 1.0)
+    with FlopCounterMode(display=False) as sdpa_count:
+        torch.nn.functional.scaled_dot_product_attention(*(x.reshape(12, 24, 8) for x in (q, k, v)))
+    assert op_count.get_total_flops() == sdpa_count.get_total_flops() == 4 * 4 * 72 * 24 * 8

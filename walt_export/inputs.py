@@ -1,0 +1,70 @@
+"""Seeded sample inputs for every part of a cascade, shaped from its config (tests, benchmarks, export)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from walt_export.config import STAGE_NAMES, CascadeConfig, DenoiserConfig, SuperResConfig, TextEncoderConfig
+
+
+def denoiser_inputs(cfg: DenoiserConfig, batch: int = 2, frames: int | None = None, text_length: int = 16,
+                    generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """(positional args, keyword conditioning) for a denoiser's forward, drawn on the CPU from `generator` (so
+    every device gets the same values) and moved to `device`; latents in `dtype`.
+
+    Timesteps are spread over the schedule, about half the latent frames are conditioning frames, and the text of
+    sample 0 is padded after its first half (class presets: sample 0 gets class 0, the others the null class).
+    """
+    t, h, w = cfg.latent_size
+    t = frames or t
+    c = cfg.latent_channels
+
+    def normal(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, device="cpu").to(device, dtype)
+
+    def uniform(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=generator, device="cpu")
+
+    args = [normal(batch, c, t, h, w), (uniform(batch) * 999).to(device), normal(batch, c, t, h, w),
+            normal(batch, c, t, h, w), (uniform(batch, t) > 0.5).to(device, dtype)]
+    if isinstance(cfg, SuperResConfig):
+        f = cfg.upsample_factor
+        args += [normal(batch, c, t, h // f, w // f), torch.full((batch,), cfg.noise_aug_level * 1000.0, device=device)]
+    if cfg.conditioning == "text":
+        mask = torch.ones(batch, text_length, dtype=torch.int64, device="cpu")
+        mask[0, max(1, text_length // 2):] = 0
+        return args, dict(text=normal(batch, text_length, cfg.text_dim), text_mask=mask.to(device))
+    if cfg.conditioning == "class":
+        labels = torch.full((batch,), cfg.num_classes, dtype=torch.int64, device="cpu")
+        labels[0] = 0
+        return args, dict(class_labels=labels.to(device))
+    return args, {}
+
+
+def text_encoder_inputs(cfg: TextEncoderConfig, batch: int = 2, generator: torch.Generator | None = None,
+                        device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) of `cfg.max_length` tokens; sample 0 is padded after its first half."""
+    ids = torch.randint(3, cfg.vocab_size, (batch, cfg.max_length), generator=generator, device="cpu")
+    mask = torch.ones(batch, cfg.max_length, dtype=torch.int64, device="cpu")
+    mask[0, max(1, cfg.max_length // 2):] = 0
+    return (ids * mask).to(device), mask.to(device)
+
+
+def part_inputs(cfg: CascadeConfig, part: str, batch: int = 1, generator: torch.Generator | None = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], dict]:
+    """(args, kwargs) for one part of `cascade.PARTS` at the cascade's geometry (tokenizer: the whole clip)."""
+    if part == "text_encoder":
+        return list(text_encoder_inputs(cfg.text_encoder, batch, generator, device)), {}
+    if part in STAGE_NAMES:
+        text_length = cfg.text_encoder.max_length if cfg.text_encoder is not None else 16
+        return denoiser_inputs(getattr(cfg, part), batch, text_length=text_length, generator=generator,
+                               device=device, dtype=dtype)
+    if part == "tokenizer_encoder":
+        video = torch.rand(batch, 3, cfg.frames, cfg.height, cfg.width, generator=generator, device="cpu") * 2 - 1
+        return [video.to(device, dtype)], {}
+    if part == "tokenizer_decoder":
+        shape = cfg.tokenizer.latent_shape(cfg.frames, cfg.height, cfg.width)
+        return [torch.randn(batch, *shape, generator=generator, device="cpu").to(device, dtype)], {}
+    raise ValueError(f"unknown part {part!r}")
