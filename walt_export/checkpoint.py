@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,7 +44,7 @@ FORMAT = "walt-export-checkpoint"
 FORMAT_VERSION = 1
 
 # kind -> (module class, config class, constructor); subclasses before their base classes
-KINDS: dict[str, tuple[type[nn.Module], type[BaseModel], object]] = {
+KINDS: dict[str, tuple[type[nn.Module], type[BaseModel], Callable[[BaseModel], nn.Module]]] = {
     "cascade": (Cascade, CascadeConfig, Cascade),
     "tokenizer": (Tokenizer, TokenizerConfig, Tokenizer),
     "text_encoder": (T5Encoder, TextEncoderConfig, T5Encoder),
@@ -145,7 +145,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     kind, cfg = read_config(path)
     with torch.device("meta"):
         module = KINDS[kind][2](cfg)
-    load_weights(module, path)
+    load_state_dict_checked(module, _read_safetensors(Path(path), kind), str(path))
     return module.to(device).eval()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 Triple = tuple[int, int, int]
 STAGE_NAMES = ("base", "sr1", "sr2")  # denoiser stages of a cascade, in sampling order
@@ -58,7 +58,7 @@ class StrictModel(BaseModel):
             raise ConfigError(type(self).__name__, validation_problems(e)) from None
 
 
-def _check(problems: list[str]) -> None:
+def _report(problems: list[str]) -> None:
     """In a validator: report every problem at once (StrictModel turns it into a ConfigError)."""
     if problems:
         raise ValueError("\n".join(problems))
@@ -68,14 +68,14 @@ def _check(problems: list[str]) -> None:
 class TokenizerConfig(StrictModel):
     """MAGVIT-v2 style causal 3D-CNN autoencoder without quantization [P §4.1, App. A]."""
 
-    in_channels: int = 3  # RGB
-    latent_channels: int = 8  # c [P Table 3f]
-    base_channels: int = 128  # channels of level 0
-    channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)  # per level: 128, 256, 256, 512
-    num_res_blocks: int = 4  # ResBlocks per level
-    num_mid_blocks: int = 2  # ResBlocks at the lowest resolution (decision)
+    in_channels: PositiveInt = 3  # RGB
+    latent_channels: PositiveInt = 8  # c [P Table 3f]
+    base_channels: PositiveInt = 128  # channels of level 0
+    channel_multipliers: tuple[PositiveInt, ...] = (1, 2, 2, 4)  # per level: 128, 256, 256, 512
+    num_res_blocks: PositiveInt = 4  # ResBlocks per level
+    num_mid_blocks: NonNegativeInt = 2  # ResBlocks at the lowest resolution (decision)
     temporal_downsample: tuple[bool, ...] = (False, True, True)  # per downsampling step: "late temporal downsampling"
-    norm_groups: int = 32  # GroupNorm groups; statistics per frame (causality decision)
+    norm_groups: PositiveInt = 32  # GroupNorm groups; statistics per frame (causality decision)
     norm_eps: float = 1e-6
     causal_pad: Literal["replicate", "zeros"] = "replicate"  # how the kt-1 frames in front are filled (decision)
     latent_mean: tuple[float, ...] | None = None  # per-channel latent normalisation; None = identity
@@ -120,7 +120,7 @@ class TokenizerConfig(StrictModel):
         return (self.latent_channels, 1 + (frames - 1) // self.temporal_factor, height // f, width // f)
 
     @model_validator(mode="after")
-    def _check(self) -> TokenizerConfig:
+    def _validate(self) -> TokenizerConfig:
         problems = []
         if len(self.temporal_downsample) != len(self.channel_multipliers) - 1:
             problems.append(
@@ -136,7 +136,7 @@ class TokenizerConfig(StrictModel):
                 problems.append(f"{name} has {len(value)} entries, latent_channels is {self.latent_channels}")
         if self.latent_std is not None and min(self.latent_std) <= 0:
             problems.append("latent_std entries must be > 0")
-        _check(problems)
+        _report(problems)
         return self
 
 
@@ -144,24 +144,24 @@ class TokenizerConfig(StrictModel):
 class DenoiserConfig(StrictModel):
     """The window-attention latent transformer [P §4.2-4.3, Table 8]."""
 
-    latent_channels: int = 8  # c, must equal the tokenizer's
+    latent_channels: PositiveInt = 8  # c, must equal the tokenizer's
     latent_size: Triple  # (T, H, W) of the latent this stage denoises
-    patch_size: int = 1  # p: tokens are 1 x p x p latent patches
-    hidden_size: int  # d
-    depth: int  # attention layers; spatial and spatiotemporal alternate
-    num_heads: int = 16
+    patch_size: PositiveInt = 1  # p: tokens are 1 x p x p latent patches
+    hidden_size: PositiveInt  # d
+    depth: PositiveInt  # attention layers; spatial and spatiotemporal alternate
+    num_heads: PositiveInt = 16
     mlp_ratio: float = 4.0  # GELU MLP width = mlp_ratio * d (decision)
     window: Triple  # spatiotemporal window (wt, wh, ww) in tokens; spatial layers use the whole frame
     first_layer: Literal["spatial", "spatiotemporal"] = "spatial"
     qk_norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     relative_position_bias: bool = True  # Swin-style learned table per layer
-    adaln_lora_rank: int = 2  # r of AdaLN-LoRA
+    adaln_lora_rank: PositiveInt = 2  # r of AdaLN-LoRA
     conditioning: Literal["none", "class", "text"] = "none"
-    num_classes: int | None = None  # class presets; index num_classes is the null class (CFG)
-    text_dim: int | None = None  # width of the text encoder's states (T5-XL: 2048)
+    num_classes: PositiveInt | None = None  # class presets; index num_classes is the null class (CFG)
+    text_dim: PositiveInt | None = None  # width of the text encoder's states (T5-XL: 2048)
     cross_attention: Literal["none", "every", "spatial"] = "none"  # which layers attend to the text
     norm_eps: float = 1e-6
-    frequency_embedding_size: int = 256  # sinusoidal timestep features fed to the timestep MLP
+    frequency_embedding_size: PositiveInt = 256  # sinusoidal timestep features fed to the timestep MLP
 
     @property
     def token_grid(self) -> Triple:
@@ -199,8 +199,6 @@ class DenoiserConfig(StrictModel):
                     break
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        if self.depth < 1:
-            problems.append("depth must be >= 1")
         if self.conditioning == "class" and not self.num_classes:
             problems.append("conditioning='class' needs num_classes")
         if self.conditioning != "class" and self.num_classes is not None:
@@ -215,15 +213,15 @@ class DenoiserConfig(StrictModel):
         return problems
 
     @model_validator(mode="after")
-    def _check(self) -> DenoiserConfig:
-        _check(self._problems())
+    def _validate(self) -> DenoiserConfig:
+        _report(self._problems())
         return self
 
 
 class SuperResConfig(DenoiserConfig):
     """A denoiser that also sees the previous stage's latent, upsampled inside the model [P §4.5]."""
 
-    upsample_factor: int = 2  # spatial factor from the previous stage's latent
+    upsample_factor: PositiveInt = 2  # spatial factor from the previous stage's latent
     noise_aug_level: float = 0.25  # t_sr at inference, a fraction of the training schedule (decision)
 
     @property
@@ -238,7 +236,7 @@ class SuperResConfig(DenoiserConfig):
     def _problems(self) -> list[str]:
         problems = super()._problems()
         _, h, w = self.latent_size
-        if self.upsample_factor < 1 or h % self.upsample_factor or w % self.upsample_factor:
+        if h % self.upsample_factor or w % self.upsample_factor:
             problems.append(f"upsample_factor={self.upsample_factor} does not divide the latent {h}x{w}")
         if not 0.0 <= self.noise_aug_level < 1.0:
             problems.append(f"noise_aug_level={self.noise_aug_level} must be in [0, 1)")
@@ -249,22 +247,22 @@ class SuperResConfig(DenoiserConfig):
 class TextEncoderConfig(StrictModel):
     """A T5 encoder (T5-XL in the paper). Field names follow Hugging Face's T5 `config.json`."""
 
-    vocab_size: int = 32128
-    d_model: int = 2048
-    d_kv: int = 64  # per-head width
-    d_ff: int = 5120
-    num_layers: int = 24
-    num_heads: int = 32
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
+    vocab_size: PositiveInt = 32128
+    d_model: PositiveInt = 2048
+    d_kv: PositiveInt = 64  # per-head width
+    d_ff: PositiveInt = 5120
+    num_layers: PositiveInt = 24
+    num_heads: PositiveInt = 32
+    relative_attention_num_buckets: PositiveInt = 32
+    relative_attention_max_distance: PositiveInt = 128
     feed_forward_proj: Literal["gated-gelu", "relu"] = "gated-gelu"  # T5 v1.1 / original T5
     layer_norm_epsilon: float = 1e-6
-    max_length: int = 128  # prompt length in tokens, padded or truncated (decision)
+    max_length: PositiveInt = 128  # prompt length in tokens, padded or truncated (decision)
     pretrained_dir: str | None = None  # local T5 directory (config.json, *.safetensors, tokenizer.json); None = random
     # init with the byte-level tokenizer, nothing downloaded
 
     @model_validator(mode="after")
-    def _check(self) -> TextEncoderConfig:
+    def _validate(self) -> TextEncoderConfig:
         from runtime.text_tokenizer import ByteTokenizer
 
         problems = []
@@ -275,7 +273,12 @@ class TextEncoderConfig(StrictModel):
             )
         if self.max_length < 2:
             problems.append("max_length must be >= 2 (at least one token and the end-of-sequence token)")
-        _check(problems)
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
+            problems.append("relative_attention_num_buckets must be even and >= 4 (half per direction, half of "
+                            "those exact offsets)")
+        elif self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+            problems.append("relative_attention_max_distance must exceed relative_attention_num_buckets / 4")
+        _report(problems)
         return self
 
 
@@ -283,14 +286,14 @@ class TextEncoderConfig(StrictModel):
 class DiffusionConfig(StrictModel):
     """Training schedule and sampling defaults [P §3, §5.2, Table 8]."""
 
-    num_train_timesteps: int = 1000
+    num_train_timesteps: PositiveInt = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     beta_schedule: Literal["linear"] = "linear"
     rescale_zero_terminal_snr: bool = True  # Lin et al. 2023, Algorithm 1
     prediction_type: Literal["v"] = "v"
     timestep_spacing: Literal["trailing"] = "trailing"
-    num_inference_steps: int = 50  # DDIM, eta 0
+    num_inference_steps: PositiveInt = 50  # DDIM, eta 0
     guidance_scale: float = 7.5  # classifier-free guidance (decision; the paper does not report it)
 
 
@@ -299,9 +302,9 @@ class CascadeConfig(StrictModel):
     """A whole cascade: tokenizer, optional text encoder, base denoiser, optional two SR stages."""
 
     name: str
-    frames: int = 17  # output video frames, 1 + 4k
-    height: int  # output pixels
-    width: int
+    frames: PositiveInt = 17  # output video frames, 1 + 4k
+    height: PositiveInt  # output pixels
+    width: PositiveInt
     fps: float = 8.0
     tokenizer: TokenizerConfig = TokenizerConfig()
     text_encoder: TextEncoderConfig | None = None
@@ -315,7 +318,7 @@ class CascadeConfig(StrictModel):
         return {name: cfg for name in STAGE_NAMES if (cfg := getattr(self, name)) is not None}
 
     @model_validator(mode="after")
-    def _check(self) -> CascadeConfig:
+    def _validate(self) -> CascadeConfig:
         problems = self.tokenizer.geometry_problems(self.frames, self.height, self.width)
         latent = None if problems else self.tokenizer.latent_shape(self.frames, self.height, self.width)
         if self.fps <= 0:
@@ -346,7 +349,7 @@ class CascadeConfig(StrictModel):
         if latent is not None and last.latent_size != latent[1:]:
             problems.append(f"{last_name}.latent_size={last.latent_size} but {self.frames}x{self.height}x{self.width} "
                             f"video encodes to a {'x'.join(map(str, latent[1:]))} latent")
-        _check(problems)
+        _report(problems)
         return self
 
 

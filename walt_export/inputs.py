@@ -30,8 +30,7 @@ def denoiser_inputs(cfg: DenoiserConfig, batch: int = 2, frames: int | None = No
     args = [normal(batch, c, t, h, w), (uniform(batch) * 999).to(device), normal(batch, c, t, h, w),
             normal(batch, c, t, h, w), (uniform(batch, t) > 0.5).to(device, dtype)]
     if isinstance(cfg, SuperResConfig):
-        f = cfg.upsample_factor
-        args += [normal(batch, c, t, h // f, w // f), torch.full((batch,), cfg.noise_aug_level * 1000.0, device=device)]
+        args += [normal(batch, c, t, *cfg.lowres_size[1:]), torch.full((batch,), cfg.noise_aug_level * 1000.0, device=device)]
     if cfg.conditioning == "text":
         mask = torch.ones(batch, text_length, dtype=torch.int64, device="cpu")
         mask[0, max(1, text_length // 2):] = 0

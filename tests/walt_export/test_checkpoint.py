@@ -109,7 +109,7 @@ def test_weights_and_config_that_do_not_belong_together(micro, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(format_version=99), "has format version 99"),
     (lambda d: d.update(kind="vae"), "unknown kind 'vae'; valid kinds: cascade, tokenizer"),
-    (lambda d: d["config"].update(depth=0), "config in .* is invalid:\n  - depth must be >= 1"),
+    (lambda d: d["config"].update(depth=0), "config in .* is invalid:\n  - depth: Input should be greater than 0"),
     (lambda d: d["config"].update(colour="red"), "colour: Extra inputs are not permitted"),
 ])
 def test_bad_config_json(micro, tmp_path, edit, message):

@@ -75,6 +75,7 @@ def _base(**overrides):
     (dict(conditioning="class"), "conditioning='class' needs num_classes"),
     (dict(conditioning="text", text_dim=32), "needs cross_attention"),
     (dict(cross_attention="every"), "cross_attention/text_dim are set but conditioning is 'none'"),
+    (dict(num_heads=0), "num_heads: Input should be greater than 0"),
 ])
 def test_denoiser_config_errors_say_what_is_wrong(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -131,6 +132,16 @@ def test_tokenizer_config_checks():
     assert "temporal_downsample has 1 entries" in message
     assert "not divisible by norm_groups=24" in message
     assert "latent_mean has 4 entries, latent_channels is 8" in message
+
+
+def test_text_encoder_config_checks():
+    with pytest.raises(ConfigError) as info:
+        walt_export.TextEncoderConfig(vocab_size=100, max_length=1, relative_attention_num_buckets=6,
+                                      relative_attention_max_distance=1)
+    message = str(info.value)
+    assert "vocab_size=100 is below the byte tokenizer's 259" in message
+    assert "max_length must be >= 2" in message
+    assert "relative_attention_max_distance must exceed" in message
 
 
 def test_configs_are_frozen_and_serialisable():
