@@ -8,6 +8,13 @@ from torch import Tensor
 from walt_export.config import STAGE_NAMES, CascadeConfig, DenoiserConfig, SuperResConfig, TextEncoderConfig
 
 
+def _padded_mask(batch: int, length: int) -> Tensor:
+    """(batch, length) int64 attention mask: sample 0 is padded after its first half, the others are full."""
+    mask = torch.ones(batch, length, dtype=torch.int64, device="cpu")
+    mask[0, max(1, length // 2):] = 0
+    return mask
+
+
 def denoiser_inputs(cfg: DenoiserConfig, batch: int = 2, frames: int | None = None, text_length: int = 16,
                     generator: torch.Generator | None = None, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], dict[str, Tensor]]:
@@ -30,11 +37,11 @@ def denoiser_inputs(cfg: DenoiserConfig, batch: int = 2, frames: int | None = No
     args = [normal(batch, c, t, h, w), (uniform(batch) * 999).to(device), normal(batch, c, t, h, w),
             normal(batch, c, t, h, w), (uniform(batch, t) > 0.5).to(device, dtype)]
     if isinstance(cfg, SuperResConfig):
-        args += [normal(batch, c, t, *cfg.lowres_size[1:]), torch.full((batch,), cfg.noise_aug_level * 1000.0, device=device)]
+        noise_timestep = torch.full((batch,), cfg.noise_aug_level * 1000.0, device=device)  # 1000 training steps
+        args += [normal(batch, c, t, *cfg.lowres_size[1:]), noise_timestep]
     if cfg.conditioning == "text":
-        mask = torch.ones(batch, text_length, dtype=torch.int64, device="cpu")
-        mask[0, max(1, text_length // 2):] = 0
-        return args, dict(text=normal(batch, text_length, cfg.text_dim), text_mask=mask.to(device))
+        text = normal(batch, text_length, cfg.text_dim)
+        return args, dict(text=text, text_mask=_padded_mask(batch, text_length).to(device))
     if cfg.conditioning == "class":
         labels = torch.full((batch,), cfg.num_classes, dtype=torch.int64, device="cpu")
         labels[0] = 0
@@ -46,8 +53,7 @@ def text_encoder_inputs(cfg: TextEncoderConfig, batch: int = 2, generator: torch
                         device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """(input_ids, attention_mask) of `cfg.max_length` tokens; sample 0 is padded after its first half."""
     ids = torch.randint(3, cfg.vocab_size, (batch, cfg.max_length), generator=generator, device="cpu")
-    mask = torch.ones(batch, cfg.max_length, dtype=torch.int64, device="cpu")
-    mask[0, max(1, cfg.max_length // 2):] = 0
+    mask = _padded_mask(batch, cfg.max_length)
     return (ids * mask).to(device), mask.to(device)
 
 
