@@ -1,13 +1,13 @@
 # Two commands on a fresh machine (Python 3.11, pip):
-#   make demo   build the default cascade and print its summary
+#   make demo   export the default cascade (tiny) to ONNX in artifacts/tiny
 #   make test   run the test suite (what CI runs, through .ci/run)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= torch,cpu,t5,test
+EXTRAS ?= torch,cpu,t5,tools,trt-rtx,test
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(PY) export.py summary
+	$(PY) export.py onnx --preset tiny --out artifacts/tiny
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -13,3 +13,13 @@ def micro():
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def micro_artifacts(tmp_path_factory, micro):
+    """The micro cascade exported once with FP16 variants: (directory, manifest); tests must not modify it."""
+    from walt_export.onnx_export import export_artifacts
+
+    directory = tmp_path_factory.mktemp("artifacts") / "micro"
+    return directory, export_artifacts(micro.config, lambda name: getattr(micro, name), directory,
+                                       {"preset": "micro", "seed": 0}, fp16=True)

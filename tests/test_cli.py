@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,67 @@ def test_bad_checkpoint_is_one_line_of_error(tmp_path):
     result = run("summary", "--checkpoint", str(tmp_path / "missing.safetensors"))
     assert result.returncode == 1
     assert result.stderr.startswith("walt-export: error: config") and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ onnx and verify
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("walt-export: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def leftovers(parent):
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_onnx_from_a_missing_or_truncated_checkpoint(tmp_path):
+    out = tmp_path / "art"
+    assert_one_line_error(run("onnx", "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(out)))
+    ckpt = tmp_path / "micro.safetensors"
+    assert run("init", "--preset", "micro", "--out", str(ckpt)).returncode == 0
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert_one_line_error(run("onnx", "--checkpoint", str(ckpt), "--out", str(out)), str(ckpt))
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_onnx_with_a_checkpoint_of_another_preset(tmp_path):
+    ckpt = tmp_path / "micro.safetensors"
+    assert run("init", "--preset", "micro", "--out", str(ckpt)).returncode == 0
+    result = run("onnx", "--preset", "tiny", "--checkpoint", str(ckpt), "--out", str(tmp_path / "art"))
+    assert_one_line_error(result, "checkpoint of 'micro', not 'tiny'", "--preset micro")
+
+
+def test_onnx_refuses_a_directory_of_another_artifact_or_other_files(tmp_path, micro_artifacts):
+    directory, _ = micro_artifacts
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text((directory / "manifest.json").read_text())  # micro, seed 0
+    assert_one_line_error(run("onnx", "--preset", "micro", "--seed", "1", "--out", str(other)),
+                          "already holds another artifact")
+    assert sorted(p.name for p in other.iterdir()) == ["manifest.json"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert_one_line_error(run("onnx", "--preset", "micro", "--out", str(busy)), "not an artifact directory")
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
+def test_onnx_to_an_unwritable_place(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_one_line_error(run("onnx", "--preset", "micro", "--out", str(blocker / "art")), "cannot write into")
+
+
+def test_verify_prints_the_table_and_refuses_tampered_files(tmp_path, micro_artifacts):
+    directory, _ = micro_artifacts
+    result = run("verify", "--artifacts", str(directory), "--batches", "1")
+    assert result.returncode == 0, result.stderr
+    assert "base.fallback.onnx" in result.stdout and "outputs within tolerance" in result.stdout
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    data = bytearray((copy / "sr1.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "sr1.onnx").write_bytes(bytes(data))
+    assert_one_line_error(run("verify", "--artifacts", str(copy)), "sr1.onnx does not match the manifest")

@@ -40,6 +40,42 @@ def build_part(cfg: CascadeConfig, part: str) -> nn.Module | None:
     raise ValueError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
 
 
+# The modules a cascade holds; each is seeded on its own, so one can be built alone with the weights it has in
+# the whole cascade (exporting a 3B stage must not need the other 3B of the cascade in memory).
+COMPONENTS = ("tokenizer", "text_encoder", *STAGE_NAMES)
+
+
+def make_component(cfg: CascadeConfig, name: str) -> nn.Module | None:
+    """One component of `COMPONENTS`, initialised from the current RNG on the default device, or None."""
+    if name == "tokenizer":
+        return Tokenizer(cfg.tokenizer)
+    if name in COMPONENTS:
+        return build_part(cfg, name)
+    raise ValueError(f"unknown component {name!r}; components: {', '.join(COMPONENTS)}")
+
+
+def build_component(preset_or_config: str | CascadeConfig, name: str, seed: int = 0,
+                    device: str | torch.device = "cpu") -> nn.Module | None:
+    """One component with exactly the weights it has in `build(preset_or_config, seed)`, in eval mode.
+
+    The weights are drawn on the CPU from a generator seeded by (seed, component) (the global RNG is left
+    untouched) and moved; `device="meta"` builds the structure only. A configured pretrained T5 is loaded.
+    """
+    cfg = resolve_config(preset_or_config)
+    device = torch.device(device)
+    meta = device.type == "meta"
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
+        torch.manual_seed(seed * len(COMPONENTS) + COMPONENTS.index(name))
+        module = make_component(cfg, name)
+    if module is None:
+        return None
+    if name == "text_encoder" and cfg.text_encoder.pretrained_dir is not None and not meta:
+        from walt_export.checkpoint import load_pretrained_t5
+
+        load_pretrained_t5(module, cfg.text_encoder.pretrained_dir)
+    return module.to(device).eval()
+
+
 def count_parameters(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
@@ -47,12 +83,12 @@ def count_parameters(module: nn.Module | None) -> int:
 class Cascade(nn.Module):
     """tokenizer, text_encoder (None for class presets), base, sr1 and sr2 (None where a preset has none)."""
 
-    def __init__(self, cfg: CascadeConfig):
+    def __init__(self, cfg: CascadeConfig, components: dict[str, nn.Module | None] | None = None):
+        """Args: components: the modules by name (`COMPONENTS`); None makes them from the current RNG."""
         super().__init__()
         self.config = cfg
-        self.tokenizer = Tokenizer(cfg.tokenizer)
-        for name in ("text_encoder", *STAGE_NAMES):
-            setattr(self, name, build_part(cfg, name))
+        for name in COMPONENTS:
+            setattr(self, name, components[name] if components is not None else make_component(cfg, name))
         self._text_tokenizer: TextTokenizer | None = None
 
     def stages(self) -> dict[str, WaltDenoiser]:
@@ -124,18 +160,10 @@ def resolve_config(preset_or_config: str | CascadeConfig) -> CascadeConfig:
 def build(preset_or_config: str | CascadeConfig, seed: int = 0, device: str | torch.device = "cpu") -> Cascade:
     """Build a cascade with seeded random weights (or a pretrained T5 where the config names one), in eval mode.
 
-    The weights depend on the seed only, not on the device: they are drawn on the CPU (the global RNG is left
-    untouched) and moved. `device="meta"` builds the structure without memory, e.g. to count parameters.
+    The weights depend on the seed only, not on the device (see `build_component`, which builds one part alone
+    with the same weights). `device="meta"` builds the structure without memory, e.g. to count parameters.
     """
     cfg = resolve_config(preset_or_config)
-    device = torch.device(device)
-    meta = device.type == "meta"
-    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
-        torch.manual_seed(seed)
-        cascade = Cascade(cfg)
-    if cfg.text_encoder is not None and cfg.text_encoder.pretrained_dir is not None and not meta:
-        from walt_export.checkpoint import load_pretrained_t5
-
-        load_pretrained_t5(cascade.text_encoder, cfg.text_encoder.pretrained_dir)
+    cascade = Cascade(cfg, {name: build_component(cfg, name, seed, device) for name in COMPONENTS})
     log.info("built %s (%s parameters) on %s", cfg.name, f"{sum(cascade.parameter_counts().values()):,}", device)
-    return cascade.to(device).eval()
+    return cascade.eval()

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 
+from runtime.documents import read_document
 from walt_export.cascade import Cascade, build_denoiser
 from walt_export.config import (
     CascadeConfig,
@@ -121,15 +122,8 @@ def read_config(path: str | Path) -> tuple[str, BaseModel]:
     cfg_file = config_path(path)
     if not cfg_file.is_file():
         raise CheckpointError(f"config {cfg_file} not found: a checkpoint is {path.name} with {cfg_file.name} beside it")
-    try:
-        document = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"config {cfg_file} is not valid JSON ({e}); re-save the checkpoint") from e
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file} is not a walt-export checkpoint config (no \"format\": \"{FORMAT}\")")
-    if document.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_file} has format version {document.get('format_version')}; this walt-export reads "
-                              f"version {FORMAT_VERSION}: re-save it with a matching walt-export")
+    document = read_document(cfg_file, FORMAT, FORMAT_VERSION, CheckpointError,
+                             "re-save the checkpoint with this version of walt-export (walt_export.save)")
     kind = document.get("kind")
     if kind not in KINDS:
         raise CheckpointError(f"{cfg_file} has unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")

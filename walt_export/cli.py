@@ -2,6 +2,8 @@
 
     walt-export summary [--preset tiny] [--checkpoint PATH] [--meta]   build a cascade and print its parts
     walt-export init --preset NAME --out PATH.safetensors [--seed N]   write a seeded random-init checkpoint
+    walt-export onnx --preset NAME --out DIR [--checkpoint PATH] [--fp16]   export every model to an artifact
+    walt-export verify --artifacts DIR [--checkpoint PATH]   onnxruntime vs PyTorch for every model and variant
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
+from pathlib import Path
 
 DEFAULT_PRESET = "tiny"
 
@@ -31,13 +35,69 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET)
     init.add_argument("--out", required=True, help="path ending in .safetensors; the config goes beside it as .json")
     init.add_argument("--seed", type=int, default=0)
+
+    onnx = sub.add_parser("onnx", help="export every model of a cascade to ONNX in an artifact directory")
+    onnx.add_argument("--preset", choices=list(PRESETS), default=None,
+                      help=f"default: {DEFAULT_PRESET}, or the checkpoint's own")
+    onnx.add_argument("--checkpoint", help="a .safetensors cascade checkpoint (default: seeded random weights)")
+    onnx.add_argument("--out", required=True, help="the artifact directory (new, empty, or the same artifact)")
+    onnx.add_argument("--fp16", action="store_true", help="also write FP16 variants of every model")
+    onnx.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+
+    verify = sub.add_parser("verify", help="compare every model of an artifact with PyTorch (onnxruntime, CPU)")
+    verify.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
+    verify.add_argument("--checkpoint", help="the checkpoint it was exported from, if it moved")
+    verify.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes to run (default 1 2)")
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    import walt_export
+    from runtime.manifest import sha256_of
+    from walt_export.cascade import build_component
+    from walt_export.onnx_export import export_artifacts
+
+    if args.checkpoint:
+        cascade = walt_export.load(args.checkpoint)
+        if not isinstance(cascade, walt_export.Cascade):
+            raise walt_export.CheckpointError(f"{args.checkpoint} holds one part, not a cascade; "
+                                              "export needs a whole-cascade checkpoint (walt-export init)")
+        if args.preset is not None and cascade.config.name != args.preset:
+            raise walt_export.CheckpointError(
+                f"{args.checkpoint} is a checkpoint of {cascade.config.name!r}, not {args.preset!r}; "
+                f"pass --preset {cascade.config.name} or leave --preset out")
+        path = Path(args.checkpoint).resolve()
+        cfg, source = cascade.config, {"checkpoint": str(path), "sha256": sha256_of(path)}
+        components = lambda name: getattr(cascade, name)  # noqa: E731
+    else:
+        preset = args.preset or DEFAULT_PRESET
+        cfg, source = walt_export.PRESETS[preset], {"preset": preset, "seed": args.seed}
+        components = lambda name: build_component(cfg, name, seed=args.seed)  # noqa: E731 (one at a time)
+    manifest = export_artifacts(cfg, components, args.out, source, fp16=args.fp16)
+    files = [f for stage in manifest.stages.values() for f in stage.files]
+    print(f"wrote {args.out}: {len(manifest.stages)} models, {len(files)} files "
+          f"({', '.join(manifest.stages)}); check them with: walt-export verify --artifacts {args.out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from walt_export.verify import VERIFY_JSON, format_table, verify_artifacts
+
+    checks = verify_artifacts(args.artifacts, args.checkpoint, tuple(args.batches))
+    print(format_table(checks))
+    print(f"wrote {Path(args.artifacts) / VERIFY_JSON}")
+    return 0 if all(c.passed for c in checks) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # torch's exporter warns about its own internals
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     import walt_export
+    from runtime.manifest import ArtifactError
 
     try:
         if args.command == "summary":
@@ -53,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             cascade = walt_export.build(args.preset, seed=args.seed)
             path = walt_export.save(cascade, args.out)
             print(f"wrote {path} and {path.with_suffix('.json').name} ({args.preset}, seed {args.seed})")
-    except (walt_export.CheckpointError, walt_export.ConfigError) as e:
+        elif args.command == "onnx":
+            return _export(args)
+        elif args.command == "verify":
+            return _verify(args)
+    except (walt_export.CheckpointError, walt_export.ConfigError, ArtifactError) as e:
         print(f"walt-export: error: {e}", file=sys.stderr)
         return 1
     return 0

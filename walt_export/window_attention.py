@@ -113,3 +113,119 @@ def window_attention_flops(shape: Sequence[int], window: Sequence[int]) -> int:
 @register_flop_formula(torch.ops.wattn.window_attention3d)
 def _flops(q_shape, k_shape, v_shape, bias_shape, wt, wh, ww, scale, *args, out_shape=None, **kwargs) -> int:
     return window_attention_flops(q_shape, (wt, wh, ww))  # lets torch.utils.flop_counter count the op
+
+
+# ------------------------------------------------------------------------------------------------------ ONNX
+# The node `wattn::WindowAttention3D` (inputs q, k, v[, bias]; attributes window, scale, plugin_namespace,
+# plugin_version) and its model-local function body. onnx and onnxscript are imported only when exporting.
+PLUGIN_VERSION = str(OP_VERSION)
+_ATTRIBUTES = ("window", "scale", "plugin_namespace", "plugin_version")
+
+
+def register_onnx_schema() -> None:
+    """Register the op's ONNX schema once per process (the exporter and `onnx.checker` need it)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(OP_TYPE, OP_DOMAIN):
+        return
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    attr = OpSchema.Attribute
+    onnx.defs.register_schema(OpSchema(
+        OP_TYPE, OP_DOMAIN, OP_VERSION,
+        doc="Attention inside non-overlapping (wt, wh, ww) windows of [N, T, H, W, d] tensors (-1 = full extent).",
+        inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("bias", "T", param_option=optional)],
+        outputs=[param("out", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "q, k, v, bias, out")],
+        attributes=[attr("window", OpSchema.AttrType.INTS, "[wt, wh, ww], -1 = the full extent"),
+                    attr("scale", OpSchema.AttrType.FLOAT, "multiplies q before q k^T"),
+                    attr("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
+                    attr("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version")],
+    ))
+
+
+def onnx_translation() -> dict:
+    """`custom_translation_table` for `torch.onnx.export(dynamo=True)`: the torch op -> one `wattn` node."""
+    import onnxscript
+
+    register_onnx_schema()
+    opset = onnxscript.values.Opset(OP_DOMAIN, OP_VERSION)
+
+    def translate(q, k, v, bias, wt: int, wh: int, ww: int, scale: float):
+        inputs = (q, k, v) if bias is None else (q, k, v, bias)
+        return opset.WindowAttention3D(*inputs, window=[wt, wh, ww], scale=scale,
+                                       plugin_namespace=OP_DOMAIN, plugin_version=PLUGIN_VERSION)
+
+    return {torch.ops.wattn.window_attention3d.default: translate}
+
+
+def onnx_function(opset: int, with_bias: bool):
+    """The op's body as a model-local `FunctionProto` in default-domain `opset` (the model's own).
+
+    partition -> Mul(q, scale) -> MatMul(q, k^T) [+ bias] -> Softmax -> MatMul(., v) -> merge. Sizes come from
+    `Shape`, so N, T, H, W stay dynamic; every tensor has rank <= 8 (TensorRT's limit). With a bias the windows
+    are laid out as (B, heads, nWin, L, d), so the bias (heads, 1, L, L) adds right after the first MatMul, the
+    pattern TensorRT fuses into one attention kernel.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = []
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def ints(name: str, values: list[int]) -> str:
+        return node("Constant", [], name, value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+    def attribute(name: str, ref: str, kind: int) -> str:
+        attr = onnx.AttributeProto(name="value_" + ("ints" if kind == onnx.AttributeProto.INTS else "float"),
+                                   ref_attr_name=ref, type=kind)
+        constant = helper.make_node("Constant", [], [name])
+        constant.attribute.append(attr)
+        nodes.append(constant)
+        return name
+
+    # shapes
+    shape = node("Shape", ["q"], "shape")  # [N, T, H, W, d]
+    grid = node("Slice", [shape, ints("one", [1]), ints("four", [4])], "grid")  # [T, H, W]
+    n = node("Slice", [shape, ints("zero", [0]), "one"], "n")
+    d = node("Slice", [shape, "four", ints("five", [5])], "d")
+    window = attribute("window", "window", onnx.AttributeProto.INTS)
+    full = node("Equal", [window, ints("minus_one", [-1])], "full")
+    win = node("Where", [full, grid, window], "win")  # [wt, wh, ww]
+    counts = node("Div", [grid, win], "counts")  # [nT, nH, nW]
+    blocks = node("Concat", [n, counts, win, d], "blocks", axis=0)  # [N, nT, nH, nW, wt, wh, ww, d]
+    split8 = node("Gather", [blocks, ints("split_order", [0, 1, 4, 2, 5, 3, 6, 7])], "split8", axis=0)
+    length = node("ReduceProd", [win], "length", keepdims=1)  # [L]
+    if with_bias:
+        heads = node("Slice", [node("Shape", ["bias"], "bias_shape"), "zero", "one"], "heads")
+        n_win = node("ReduceProd", [counts], "n_win", keepdims=1)
+        windows = node("Concat", ["minus_one", heads, n_win, length, d], "windows", axis=0)  # [B, heads, nWin, L, d]
+    else:
+        windows = node("Concat", ["minus_one", length, d], "windows", axis=0)  # [N * nWin, L, d]
+
+    def to_windows(x: str) -> str:
+        grid8 = node("Reshape", [x, split8], x + "_8d")  # (N, nT, wt, nH, wh, nW, ww, d)
+        grouped = node("Transpose", [grid8], x + "_grouped", perm=[0, 1, 3, 5, 2, 4, 6, 7])  # (N, nT, nH, nW, wt, wh, ww, d)
+        return node("Reshape", [grouped, windows], x + "_windows")  # windows of L tokens
+
+    qw, kw, vw = (to_windows(x) for x in ("q", "k", "v"))
+    scale = node("CastLike", [attribute("scale_attr", "scale", onnx.AttributeProto.FLOAT), "q"], "scale")
+    rank = 5 if with_bias else 3
+    kt = node("Transpose", [kw], "k_t", perm=[*range(rank - 2), rank - 1, rank - 2])  # (..., d, L)
+    scores = node("MatMul", [node("Mul", [qw, scale], "q_scaled"), kt], "scores")  # (..., L, L)
+    if with_bias:
+        bias = node("Unsqueeze", [node("CastLike", ["bias", "q"], "bias_cast"), "one"], "bias_4d")  # (heads, 1, L, L)
+        scores = node("Add", [scores, bias], "scores_biased")
+    probs = node("Softmax", [scores], "probs", axis=-1)
+    out = node("MatMul", [probs, vw], "out_windows")  # (..., L, d)
+    out = node("Reshape", [out, blocks], "out_blocks")  # (N, nT, nH, nW, wt, wh, ww, d)
+    out = node("Transpose", [out], "out_8d", perm=[0, 1, 4, 2, 5, 3, 6, 7])  # (N, nT, wt, nH, wh, nW, ww, d)
+    node("Reshape", [out, shape], "out")  # (N, T, H, W, d)
+    return helper.make_function(
+        OP_DOMAIN, OP_TYPE, ["q", "k", "v", "bias"] if with_bias else ["q", "k", "v"], ["out"], nodes,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_VERSION)],
+        attributes=list(_ATTRIBUTES),
+    )

@@ -67,7 +67,7 @@ def test_every_conditioning_input_matters(micro, generator, index):
     out = stage(*args, **kwargs)
     changed = list(args)
     changed[index] = args[index] + 1.0 if index != 4 else 1.0 - args[index]
-    assert (stage(*changed, **kwargs) - out).abs().max() > 1e-4
+    assert (stage(*changed, **kwargs) - out).abs().max() > 1e-5  # a disconnected input changes nothing (0.0)
 
 
 @torch.no_grad()

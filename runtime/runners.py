@@ -1,0 +1,72 @@
+"""Runners: one small protocol for every backend.
+
+    with runner:
+        outputs = runner.infer(feeds)   # dicts of arrays keyed by the manifest's input and output names
+
+The sampling loop is written once against this protocol (Polygraphy's runner shape: activate, infer, deactivate).
+Backends are imported lazily, so `import runtime` needs neither onnxruntime nor TensorRT.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OnnxRuntimeRunner:
+    """An onnxruntime session over one ONNX file.
+
+    Args:
+        path: the model file (its external data beside it).
+        providers: onnxruntime execution providers in order of preference, e.g.
+            ("CUDAExecutionProvider", "CPUExecutionProvider"); the CPU one alone by default.
+        threads: intra-op threads; 0 lets onnxruntime decide.
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
+        self.path = Path(path)
+        self.providers = tuple(providers)
+        self.threads = threads
+        self.session = None
+
+    def __enter__(self) -> OnnxRuntimeRunner:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3  # errors only
+        options.enable_cpu_mem_arena = False  # return activations to the system between calls (video-sized tensors)
+        self.session = ort.InferenceSession(str(self.path), options, providers=list(self.providers))
+        missing = [p for p in self.providers[:1] if p not in self.session.get_providers()]
+        if missing:
+            log.warning("%s: %s is not available, running on %s", self.path.name, missing[0],
+                        self.session.get_providers())
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session = None
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise RuntimeError("use the runner inside `with runner:`")
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"{self.path.name} needs the inputs {missing}; got {sorted(feeds)}")
+        outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))

@@ -1,0 +1,301 @@
+"""ONNX export of a whole cascade into an artifact directory (shared/design.md §2-§5).
+
+    DIR/manifest.json                       names, dtypes, shapes, files + sha256, latent stats, schedule, versions
+    DIR/<model>.onnx                        canonical: `wattn::WindowAttention3D` nodes + their function body
+    DIR/<model>.plugin.onnx                 (denoisers) body stripped: TensorRT uses the plugin
+    DIR/<model>.fallback.onnx               (denoisers) body inlined: no custom op
+    DIR/<model>.fp16[.plugin|.fallback].onnx    with --fp16: float16 weights and compute, float32 inputs/outputs
+    DIR/tokenizer/                          the text tokenizer's files, for a pretrained T5
+
+Models come from `export_specs` (names, dynamic dims). A model larger than `EXTERNAL_DATA_BYTES` keeps its
+weights in `<file>.data` beside it (ONNX's protobuf limit is 2 GB); its plugin and fallback variants share that file.
+Everything is written into a temporary directory beside `DIR` and renamed onto it when complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from runtime.manifest import (
+    MANIFEST,
+    ArtifactError,
+    DataFile,
+    LatentInfo,
+    Manifest,
+    ModelFile,
+    StageInfo,
+    TensorInfo,
+    TextInfo,
+    parse_dim,
+    read_manifest,
+    sha256_of,
+)
+from walt_export.config import CascadeConfig
+from walt_export.export_specs import ExportSpec, export_specs
+from walt_export.onnx_variants import fallback_variant, fp16_variant, plugin_variant, window_attention_nodes
+from walt_export.window_attention import onnx_function, onnx_translation, register_onnx_schema
+
+log = logging.getLogger(__name__)
+
+OPSET = 20  # default-domain opset of every model (and of the wattn function bodies)
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to external data (ONNX's hard limit is 2 GB)
+SAMPLE_SEED = 0  # seed of the sample inputs traced by the exporter
+_TRACE_KEYS = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"}
+
+
+def export_model(module: torch.nn.Module, spec: ExportSpec, path: Path,
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> onnx.ModelProto:
+    """Export `module` as `spec` to `path` (canonical: wattn nodes + function body) and return the model.
+
+    The returned proto has no weights in memory when they went to external data (`path.name + '.data'`).
+    """
+    register_onnx_schema()
+    wrapper = spec.wrap(module).eval()
+    sample = spec.sample_inputs(torch.Generator().manual_seed(SAMPLE_SEED))
+    external = sum(p.numel() * p.element_size() for p in module.parameters()) > external_data_bytes
+    start = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
+        program = torch.onnx.export(
+            wrapper, sample, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=(_dynamic_shapes(spec),), custom_translation_table=onnx_translation(),
+        )
+    if external:
+        program.save(str(path), external_data=True)
+        del program
+        model = onnx.load(str(path), load_external_data=False)
+    else:
+        model = program.model_proto
+    _name_dims(model, spec)
+    _drop_traces(model)
+    nodes = window_attention_nodes(model)
+    if nodes:
+        arities = {len([i for i in n.input if i]) for n in nodes}
+        if len(arities) != 1:
+            raise ValueError(f"{spec.name}: window-attention nodes with and without a bias in one model")
+        model.functions.append(onnx_function(OPSET, with_bias=arities == {4}))
+    _save(model, path)
+    check_model(path)
+    log.info("exported %s (%d wattn nodes) in %.1f s", path.name, len(nodes), time.perf_counter() - start)
+    return model
+
+
+def check_model(path: Path) -> None:
+    """onnx.checker (full check) and strict shape inference on a saved model."""
+    register_onnx_schema()
+    onnx.checker.check_model(str(path), full_check=True)
+    with tempfile.TemporaryDirectory() as tmp:  # by path: works beyond 2 GB
+        onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"), strict_mode=True)
+
+
+def _dynamic_shapes(spec: ExportSpec) -> tuple[dict[int, object], ...]:
+    """torch.export dims of the positional inputs (the wrapper takes *inputs) for every named dim ('4*latent_frames - 3' becomes 4 * Dim - 3)."""
+    dims: dict[str, torch.export.Dim] = {}
+    shapes = []
+    for tensor in spec.inputs:
+        axes = {}
+        for axis, dim in enumerate(tensor.shape):
+            if isinstance(dim, str):
+                factor, name, offset = parse_dim(dim)
+                if name not in dims:
+                    low, _, high = spec.profile[name]
+                    dims[name] = torch.export.Dim(name, min=low, max=max(high, 4096))
+                axes[axis] = dims[name] if (factor, offset) == (1, 0) else factor * dims[name] + offset
+        shapes.append(axes)
+    return tuple(shapes)
+
+
+def _name_dims(model: onnx.ModelProto, spec: ExportSpec) -> None:
+    """Write the spec's dims onto the graph's inputs and outputs (the exporter's own names are s0, s1, ...)."""
+    for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        names = [v.name for v in values]
+        if names != [t.name for t in tensors]:
+            raise ValueError(f"{spec.name}: exported {names}, the spec says {[t.name for t in tensors]}")
+        for value, tensor in zip(values, tensors):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) != len(tensor.shape):
+                raise ValueError(f"{spec.name}.{tensor.name}: exported rank {len(dims)}, the spec says {tensor.shape}")
+            for dim, want in zip(dims, tensor.shape):
+                if isinstance(want, int):
+                    if dim.HasField("dim_value") and dim.dim_value != want:
+                        raise ValueError(f"{spec.name}.{tensor.name}: exported {dim.dim_value}, the spec says {want}")
+                    dim.dim_value = want
+                else:
+                    dim.dim_param = want
+
+
+def _drop_traces(model: onnx.ModelProto) -> None:
+    """Remove the exporter's per-node Python stack traces and FX dumps (local paths, half the graph's bytes);
+    the module name scopes stay."""
+    for node in model.graph.node:
+        keep = [p for p in node.metadata_props if p.key not in _TRACE_KEYS]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+
+
+def _save(model: onnx.ModelProto, path: Path, data: str | None = None) -> None:
+    """Save a model; `data` names a new external-data file for in-memory weights (existing references are kept)."""
+    if data is not None:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _data_files(model: onnx.ModelProto) -> list[str]:
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(locations)
+
+
+def write_variants(spec: ExportSpec, canonical: onnx.ModelProto, directory: Path, fp16: bool) -> list[ModelFile]:
+    """Write the derived variants of a canonical model already saved in `directory`; returns every file's entry."""
+    precisions = [("fp32", canonical)]
+    if fp16:
+        half = fp16_variant(canonical, base_dir=directory)
+        path = directory / f"{spec.name}.fp16.onnx"
+        large = any(t.data_location == onnx.TensorProto.EXTERNAL for t in canonical.graph.initializer)
+        _save(half, path, data=f"{path.name}.data" if large else None)
+        if large:
+            half = onnx.load(str(path), load_external_data=False)
+        check_model(path)
+        precisions.append(("fp16", half))
+    files = []
+    for precision, model in precisions:
+        stem = spec.name if precision == "fp32" else f"{spec.name}.fp16"
+        variants = [("canonical", model)]
+        if window_attention_nodes(model):
+            variants += [("plugin", plugin_variant(model)), ("fallback", fallback_variant(model))]
+        for variant, m in variants:
+            path = directory / (f"{stem}.onnx" if variant == "canonical" else f"{stem}.{variant}.onnx")
+            if variant != "canonical":
+                _save(m, path)
+                if variant == "fallback":
+                    check_model(path)
+            files.append(ModelFile(
+                file=path.name, sha256=sha256_of(path), precision=precision, variant=variant,
+                external_data=tuple(DataFile(file=d, sha256=sha256_of(directory / d)) for d in _data_files(m)),
+                window_attention_nodes=len(window_attention_nodes(m)),
+            ))
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------- artifacts
+def export_artifacts(cfg: CascadeConfig, components: Callable[[str], nn.Module | None], out: str | Path,
+                     source: dict, fp16: bool = False, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Manifest:
+    """Export every model of a cascade into the artifact directory `out` and return its manifest.
+
+    Args:
+        cfg: the cascade's config.
+        components: name (`cascade.COMPONENTS`) -> the PyTorch module, eval mode, CPU. Called once per component,
+            which is released before the next, so a cascade larger than memory exports one part at a time.
+        out: the artifact directory; it must not exist, be empty, or hold an artifact of the same source.
+        source: where the weights came from ({"preset": name, "seed": n} or {"checkpoint": path, "sha256": h});
+            `verify` rebuilds the reference from it.
+        fp16: also write FP16 variants of every model.
+    """
+    out = Path(out)
+    specs = export_specs(cfg)
+    with _staging(out, cfg.name, source) as tmp:
+        stages = {}
+        for component, group in itertools.groupby(specs.values(), key=lambda spec: spec.component):
+            group = list(group)
+            module = components(component)
+            canonical = {spec.name: export_model(spec.module_of(module), spec, tmp / f"{spec.name}.onnx",
+                                                 external_data_bytes) for spec in group}
+            del module  # the variants are ONNX transformations: free the weights first
+            gc.collect()
+            for spec in group:
+                stages[spec.name] = StageInfo(
+                    module=spec.module,
+                    inputs=tuple(TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape) for t in spec.inputs),
+                    outputs=tuple(TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape) for t in spec.outputs),
+                    profile=spec.profile, files=tuple(write_variants(spec, canonical.pop(spec.name), tmp, fp16)),
+                )
+        manifest = _manifest(cfg, source, stages, tmp)
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    log.info("wrote %s: %s", out, ", ".join(stages))
+    return manifest
+
+
+def _manifest(cfg: CascadeConfig, source: dict, stages: dict[str, StageInfo], directory: Path) -> Manifest:
+    tk, te = cfg.tokenizer, cfg.text_encoder
+    c, t, h, w = tk.latent_shape(cfg.frames, cfg.height, cfg.width)
+    text = None
+    if te is not None:
+        tokenizer_dir = None
+        if te.pretrained_dir is not None:
+            tokenizer_dir = "tokenizer"
+            (directory / tokenizer_dir).mkdir()
+            for name in ("tokenizer.json", "spiece.model"):
+                if (Path(te.pretrained_dir) / name).is_file():
+                    shutil.copy2(Path(te.pretrained_dir) / name, directory / tokenizer_dir / name)
+        text = TextInfo(max_length=te.max_length, tokenizer_dir=tokenizer_dir)
+    return Manifest(
+        name=cfg.name, source=source, config=cfg.model_dump(mode="json"),
+        frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
+        latent=LatentInfo(channels=c, frames=t, height=h, width=w, mean=tk.latent_mean, std=tk.latent_std),
+        text=text, schedule=cfg.diffusion.model_dump(mode="json"), stages=stages, opset=OPSET,
+        exporter={name: _version(name) for name in ("walt-export", "torch", "onnx", "onnxscript", "onnxruntime")},
+    )
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+@contextmanager
+def _staging(out: Path, name: str, source: dict) -> Iterator[Path]:
+    """A temporary directory beside `out`, renamed onto it when the block succeeds, removed when it fails."""
+    if out.exists():
+        if not out.is_dir():
+            raise ArtifactError(f"{out} is a file; pass a directory path as --out")
+        if (out / MANIFEST).is_file():
+            existing = read_manifest(out)
+            if (existing.name, existing.source) != (name, source):
+                raise ArtifactError(f"{out} already holds another artifact ({existing.name}, {existing.source}); "
+                                    "pass a new --out directory or delete that one first")
+        elif any(out.iterdir()):
+            raise ArtifactError(f"{out} exists and is not an artifact directory; pass a new or empty --out directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise ArtifactError(f"cannot write into {out.parent}: {e.strerror}; pass an --out in a writable place") from None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact gets the usual permissions
+        if out.exists():  # an empty directory or the same artifact, replaced as a whole
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
