@@ -17,3 +17,15 @@ def test_meta_device_counts_flops_without_timing(tmp_path):
     assert reference_forward.main(["--preset", "t2v", "--device", "meta", "--parts", "sr2", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["times_s"] == [] and row["median_s"] is None and row["flops"] > 1e12
+
+
+def test_onnx_export_benchmark_records_time_and_memory_per_model(tmp_path, capsys):
+    from benchmarks import onnx_export
+
+    out = tmp_path / "micro.json"
+    assert onnx_export.main(["--preset", "micro", "--out", str(tmp_path / "art"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["model"] for row in result["rows"]][:2] == ["text_encoder", "base"]
+    assert all(row["export_s"] > 0 and row["component_peak_rss_gb"] > 0.1 for row in result["rows"])
+    assert result["peak_rss_gb"] >= max(row["component_peak_rss_gb"] for row in result["rows"])
+    assert "peak resident memory" in capsys.readouterr().out
