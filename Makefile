@@ -1,13 +1,15 @@
 # Two commands on a fresh machine (Python 3.11, pip):
-#   make demo   export the default cascade (tiny) to ONNX in artifacts/tiny
+#   make demo   export the default cascade (tiny) to ONNX and render a 17-frame 512x896 mp4 with the runtime
 #   make test   run the test suite (what CI runs, through .ci/run)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= torch,cpu,t5,tools,trt-rtx,test
+PROMPT ?= a corgi surfing a wave at sunset
 
 .PHONY: demo test
 demo: $(VENV)/.installed
 	$(PY) export.py onnx --preset tiny --out artifacts/tiny
+	$(PY) -m runtime generate --artifacts artifacts/tiny --prompt "$(PROMPT)" --out artifacts/tiny.mp4
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

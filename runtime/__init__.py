@@ -1,5 +1,13 @@
-"""The walt-export runtime: runs an exported cascade without PyTorch (numpy, pydantic; heavy libraries lazily).
+"""The walt-export runtime: runs an exported cascade without PyTorch (numpy, pydantic; PyAV and onnxruntime lazily).
 
-Holds so far the prompt tokenizers (`runtime.text_tokenizer`); runners, scheduler and the cascade come next.
+    from runtime import Pipeline
+    with Pipeline.from_artifacts("artifacts/tiny") as pipeline:
+        pipeline.generate("a corgi surfing", seed=0).save("corgi.mp4")
+
 Nothing under `runtime/` imports torch.
 """
+
+from runtime.manifest import ArtifactError, Manifest, read_manifest
+from runtime.pipeline import Pipeline, Video
+
+__all__ = ["ArtifactError", "Manifest", "Pipeline", "Video", "read_manifest"]

@@ -70,3 +70,23 @@ class OnnxRuntimeRunner:
             raise ValueError(f"{self.path.name} needs the inputs {missing}; got {sorted(feeds)}")
         outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
         return dict(zip(self.output_names, outputs))
+
+
+BACKENDS = ("onnxruntime", "tensorrt")
+_PROVIDERS = {  # device -> onnxruntime execution providers, in order of preference
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+def make_runner(backend: str, path: str | Path, device: str = "cpu", threads: int = 0) -> Runner:
+    """A runner for one model file: `onnxruntime` on a device (cpu, cuda, or tensorrt = its TensorRT EP)."""
+    if backend == "onnxruntime":
+        if device not in _PROVIDERS:
+            raise ValueError(f"unknown device {device!r} for onnxruntime; devices: {', '.join(_PROVIDERS)}")
+        return OnnxRuntimeRunner(path, _PROVIDERS[device], threads)
+    if backend == "tensorrt":
+        raise ValueError("the TensorRT backend runs engines built by `walt-export engines`, which this version does "
+                         "not build yet; use --backend onnxruntime (--device tensorrt uses onnxruntime's TensorRT EP)")
+    raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")

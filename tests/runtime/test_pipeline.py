@@ -1,0 +1,159 @@
+"""The runtime cascade on the micro artifact: parity with PyTorch, modes, mp4 output, CLI, batch rendering."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.compare import Tolerance, assert_close
+from runtime.manifest import ArtifactError
+from runtime.pipeline import Pipeline
+from runtime.video import read_video
+
+ROOT = Path(__file__).resolve().parents[2]
+LATENT_TOL = Tolerance(atol=1e-4, rtol=1e-4)  # onnxruntime vs PyTorch through 3 steps x 3 stages x 2 clips
+STEPS = 3
+
+
+def runtime_cli(*args, block_torch=False, **kwargs):
+    code = "import sys\n"
+    if block_torch:
+        code += "sys.modules['torch'] = None  # `import torch` raises ImportError\n"
+    code += "from runtime.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, **kwargs)
+
+
+def test_onnxruntime_and_pytorch_give_the_same_latents_and_frames(micro_artifacts):
+    from walt_export.torch_runner import torch_pipeline
+
+    directory, _ = micro_artifacts
+    with Pipeline.from_artifacts(directory) as onnx, torch_pipeline(directory) as reference:
+        videos = [p.generate("a red bicycle", seed=7, steps=STEPS, frames=13) for p in (onnx, reference)]
+    actual, expected = videos
+    assert actual.frames.shape == (13, 128, 128, 3) and actual.frames.dtype == np.uint8
+    for stage in ("base", "sr1", "sr2"):
+        assert len(actual.latents[stage]) == 2  # two clips: the second continues the first
+        for clip, (a, e) in enumerate(zip(actual.latents[stage], expected.latents[stage])):
+            assert_close(a, e, LATENT_TOL, f"{stage} latent of clip {clip}")
+    assert np.abs(actual.frames.astype(int) - expected.frames).max() <= 1  # rounding to uint8
+
+
+def test_same_seed_same_video_other_seed_other_video(micro_artifacts):
+    directory, _ = micro_artifacts
+    with Pipeline.from_artifacts(directory) as pipe:
+        a, b, c = (pipe.generate("a dog", seed=s, steps=2).frames for s in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c).mean() > 1
+
+
+def test_long_video_continues_the_first_clip(micro_artifacts):
+    directory, _ = micro_artifacts
+    with Pipeline.from_artifacts(directory) as pipe:
+        one = pipe.generate("waves", seed=3, steps=2)
+        long = pipe.generate("waves", seed=3, steps=2, frames=17)
+        with pytest.raises(ValueError, match="frames=10 is not a length this artifact makes: 9, 13, 17"):
+            pipe.generate("waves", frames=10)
+    assert long.frames.shape[0] == 17 and len(long.latents["base"]) == 3
+    np.testing.assert_array_equal(long.frames[:9], one.frames)  # the first clip is unchanged
+
+
+def test_image_to_video_conditions_on_the_encoded_image(micro_artifacts):
+    directory, _ = micro_artifacts
+    image = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
+    with Pipeline.from_artifacts(directory) as pipe:
+        video = pipe.generate("a boat", seed=0, steps=2, image=image)
+        encoded = pipe.runner("tokenizer_encoder").infer(
+            {"video": (image.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)[None, :, None]})["latent"]
+        with pytest.raises(ValueError, match=r"the image must be \(128, 128, 3\) uint8"):
+            pipe.generate("a boat", image=image[:64])
+    np.testing.assert_array_equal(video.latents["sr2"][0][:, :, :1], encoded)
+
+
+def test_conditioning_errors(micro_artifacts):
+    directory, _ = micro_artifacts
+    with Pipeline.from_artifacts(directory) as pipe:
+        with pytest.raises(ValueError, match="text-to-video: pass a prompt"):
+            pipe.generate(class_id=3)
+
+
+def test_generate_cli_writes_an_h264_mp4_without_torch(micro_artifacts, tmp_path):
+    directory, _ = micro_artifacts
+    out = tmp_path / "cat.mp4"
+    result = runtime_cli("generate", "--artifacts", str(directory), "--prompt", "a cat", "--out", str(out),
+                         "--steps", "2", "--png-dir", str(tmp_path / "png"), block_torch=True)
+    assert result.returncode == 0, result.stderr
+    assert "base  [####################] 2/2" in result.stderr and "wrote" in result.stdout
+    frames, fps, codec = read_video(out)
+    assert frames.shape == (9, 128, 128, 3) and fps == 8.0 and codec == "h264"
+    assert len(list((tmp_path / "png").glob("frame_*.png"))) == 9
+    assert "torch" not in result.stderr
+
+
+def test_tampered_or_missing_artifacts_are_refused(micro_artifacts, tmp_path):
+    directory, _ = micro_artifacts
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    data = bytearray((copy / "base.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "base.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="base.onnx does not match the manifest"):
+        Pipeline.from_artifacts(copy)
+    result = runtime_cli("generate", "--artifacts", str(tmp_path / "nothing"), "--prompt", "x", "--out", "x.mp4")
+    assert result.returncode == 1 and result.stderr.startswith("python -m runtime: error:")
+    assert "walt-export onnx" in result.stderr and "Traceback" not in result.stderr
+
+
+def write_jobs(path, jobs):
+    path.write_text("\n".join(json.dumps(job) for job in jobs) + "\n")
+    return path
+
+
+def test_render_reports_every_bad_line_and_renders_nothing(micro_artifacts, tmp_path):
+    directory, _ = micro_artifacts
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "ok", "output": "ok.mp4"}\n{"prompt": "x", "output": "x.mp4", "frames": 10}\n'
+                    'not json\n{"prompt": "y", "output": "ok.mp4"}\n{"prompt": "z", "output": "z.mp4", "speed": 2}\n')
+    result = runtime_cli("render", "--artifacts", str(directory), "--jobs", str(jobs), "--out-dir", str(tmp_path / "o"))
+    assert result.returncode == 1
+    for line in ("line 2: frames=10", "line 3: Invalid JSON", "line 4: output 'ok.mp4' is also written by line 1",
+                 "line 5: speed: Extra inputs are not permitted"):
+        assert line in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_render_resumes_after_being_killed_mid_job(micro_artifacts, tmp_path):
+    directory, _ = micro_artifacts
+    out = tmp_path / "videos"
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": f"clip {i}", "seed": i, "output": f"clip{i}.mp4",
+                                                 "steps": 30} for i in range(3)])
+    args = ["render", "--artifacts", str(directory), "--jobs", str(jobs), "--out-dir", str(out), "-q"]
+    code = "import sys\nfrom runtime.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
+    process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "clip0.mp4").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second job
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = sorted(p.name for p in out.glob("*.mp4"))
+    assert "clip0.mp4" in finished and "clip2.mp4" not in finished
+    for name in finished:  # whatever has its final name is complete
+        assert read_video(out / name)[0].shape[0] == 9
+    first = (out / "clip0.mp4").stat().st_mtime_ns
+
+    result = runtime_cli(*args)
+    assert result.returncode == 0, result.stderr
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    last_run = {Path(r["output"]).name: r["status"] for r in results[-3:]}
+    assert last_run["clip0.mp4"] == "skipped" and last_run["clip2.mp4"] == "done"
+    assert (out / "clip0.mp4").stat().st_mtime_ns == first  # not redone
+    assert sorted(p.name for p in out.iterdir()) == ["clip0.mp4", "clip1.mp4", "clip2.mp4", "results.jsonl"]
+
