@@ -287,7 +287,9 @@ def _staging(out: Path, name: str, source: dict) -> Iterator[Path]:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact gets the usual permissions
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp (and the exporter's external data) are private: use the usual modes
+        for path in tmp.rglob("*"):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():  # an empty directory or the same artifact, replaced as a whole
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / out.name)

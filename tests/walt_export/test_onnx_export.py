@@ -182,3 +182,13 @@ def test_tensorrt_rtx_builds_engines_of_the_fallback_and_fp16_files(micro_artifa
     with pytest.raises(EngineBuildError, match="Plugin not found"):  # TensorRT-RTX has no plugins
         build_engine(directory / "base.plugin.onnx", manifest.stage("base"), trt)
 
+
+
+def test_artifact_files_get_the_usual_permissions(micro_artifacts):
+    import os
+
+    directory, _ = micro_artifacts
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (directory.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in directory.iterdir()} == {0o666 & ~umask}
