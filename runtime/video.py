@@ -6,31 +6,14 @@ leaves a partial or corrupt file under the final name.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
+from runtime.files import atomic_output
+
 CRF = 18  # visually lossless for H.264
-
-
-@contextmanager
-def atomic_output(target: str | Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary path beside `target` (same suffix, so encoders pick the format), renamed onto it on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{suffix or target.suffix}", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:

@@ -13,10 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 
 from runtime.documents import read_document
+from runtime.files import atomic_output
 from walt_export.cascade import Cascade, build_denoiser
 from walt_export.config import (
     CascadeConfig,
@@ -72,19 +70,6 @@ def kind_of(module: nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- saving
-@contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yields a temporary path beside `target`; renamed onto it when the block succeeds, removed otherwise."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save(module: nn.Module, path: str | Path) -> Path:
     """Write `module` (a Cascade or one part) to `path` (`.safetensors`) and its config beside it.
 
@@ -106,7 +91,7 @@ def save(module: nn.Module, path: str | Path) -> Path:
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}
     metadata = {"format": FORMAT, "kind": kind, "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
     try:
-        with _atomic_path(path) as tmp_weights, _atomic_path(config_path(path)) as tmp_config:
+        with atomic_output(path) as tmp_weights, atomic_output(config_path(path)) as tmp_config:
             save_file(state, str(tmp_weights), metadata=metadata)
             tmp_config.write_text(text)
     except OSError as e:

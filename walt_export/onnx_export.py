@@ -31,6 +31,7 @@ import onnx
 import torch
 from torch import nn
 
+from runtime.files import usual_mode
 from runtime.manifest import (
     MANIFEST,
     ArtifactError,
@@ -285,11 +286,8 @@ def _staging(out: Path, name: str, source: dict) -> Iterator[Path]:
         raise ArtifactError(f"cannot write into {out.parent}: {e.strerror}; pass an --out in a writable place") from None
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp (and the exporter's external data) are private: use the usual modes
-        for path in tmp.rglob("*"):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and the exporter's external data are private
+            os.chmod(path, usual_mode(path.is_dir()))
         if out.exists():  # an empty directory or the same artifact, replaced as a whole
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / out.name)

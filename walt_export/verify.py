@@ -11,8 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from runtime.compare import Tolerance, find_mismatch
+from runtime.files import atomic_output
 from runtime.manifest import ArtifactError, Manifest, StageInfo, check_file, read_manifest, sha256_of
 from runtime.runners import OnnxRuntimeRunner
 from walt_export.cascade import build_component
@@ -154,7 +153,5 @@ def format_table(checks: list[Check]) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

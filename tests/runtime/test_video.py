@@ -46,3 +46,10 @@ def test_png_frames(tmp_path):
     assert [p.name for p in paths] == ["clip_0000.png", "clip_0001.png", "clip_0002.png"]
     with av.open(str(paths[1])) as container:
         np.testing.assert_array_equal(next(container.decode(video=0)).to_ndarray(format="rgb24"), frames[1])
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    from runtime.files import usual_mode
+
+    path = write_mp4(gradient_frames(t=1), tmp_path / "one.mp4", fps=8)
+    assert path.stat().st_mode & 0o777 == usual_mode()  # not mkstemp's 0600
