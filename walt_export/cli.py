@@ -4,6 +4,7 @@
     walt-export init --preset NAME --out PATH.safetensors [--seed N]   write a seeded random-init checkpoint
     walt-export onnx --preset NAME --out DIR [--checkpoint PATH] [--fp16]   export every model to an artifact
     walt-export verify --artifacts DIR [--checkpoint PATH]   onnxruntime vs PyTorch for every model and variant
+    walt-export engines --artifacts DIR [--precision fp16] [--attention fallback]   TensorRT engines + registry
 """
 
 from __future__ import annotations
@@ -48,7 +49,26 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
     verify.add_argument("--checkpoint", help="the checkpoint it was exported from, if it moved")
     verify.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes to run (default 1 2)")
+
+    engines = sub.add_parser("engines", help="build one TensorRT engine per stage (reused while nothing changed)")
+    engines.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
+    engines.add_argument("--precision", choices=["fp16", "int8"], default="fp16")
+    engines.add_argument("--attention", choices=["fallback", "plugin"], default="fallback",
+                         help="denoisers: the inlined attention (default) or the wattn plugin")
+    engines.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (Jetson: keep it small)")
+    engines.add_argument("--timing-cache", help="a timing-cache file, read and updated")
     return parser
+
+
+def _engines(args: argparse.Namespace) -> int:
+    from walt_export.engines import build_engines
+
+    out, decisions = build_engines(args.artifacts, args.precision, args.attention, args.workspace_gb,
+                                   args.timing_cache)
+    for d in decisions:
+        print(f"{d['stage']:<23} {d['decision']:<6} {Path(d['plan']).name}" + (f"  ({d['reason']})" if "reason" in d else ""))
+    print(f"engines in {out}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -117,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         elif args.command == "verify":
             return _verify(args)
-    except (walt_export.CheckpointError, walt_export.ConfigError, ArtifactError) as e:
+        elif args.command == "engines":
+            return _engines(args)
+    except (walt_export.CheckpointError, walt_export.ConfigError, ArtifactError, ImportError) as e:
         print(f"walt-export: error: {e}", file=sys.stderr)
         return 1
     return 0
