@@ -1,5 +1,13 @@
-import pytest
-import torch
+import os
+import shutil
+
+# Without a GPU, Triton kernels run in its CPU interpreter. This must be set before anything imports triton:
+# torch may import it, and triton.language's helpers (tl.zeros, ...) are fixed at import time.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import walt_export
 

@@ -1,0 +1,33 @@
+"""The Triton window-attention kernel against the reference op, on the CPU under TRITON_INTERPRET=1."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (extra kernels)")  # CPU: TRITON_INTERPRET, conftest
+
+from runtime.compare import Tolerance, assert_close  # noqa: E402
+from tests.walt_export.test_window_attention import qkv  # noqa: E402
+from walt_export.window_attention import SPATIAL_WINDOW, resolve_window, window_attention  # noqa: E402
+from walt_export.window_attention_kernel import window_attention_triton  # noqa: E402
+
+TOLERANCES = {torch.float32: Tolerance(atol=1e-5, rtol=1e-5), torch.float16: Tolerance(atol=2e-3, rtol=2e-3)}
+# (token grid (T, H, W), window, head dim): spatial and spatiotemporal, a head dim that is not a power of two,
+# windows longer than one key block (L = 96 > 64)
+CASES = [((3, 4, 6), SPATIAL_WINDOW, 8), ((3, 4, 4), (3, 2, 2), 16), ((2, 8, 12), (2, 4, 12), 12),
+         ((5, 4, 4), (1, 2, 2), 8)]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("grid, window, d", CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_the_reference_op(generator, dtype, grid, window, d, with_bias):
+    heads = 2
+    q, k, v = qkv(generator, grid, n=4, d=d, dtype=dtype)
+    wt, wh, ww = resolve_window(window, grid)
+    length = wt * wh * ww
+    bias = torch.randn(heads, length, length, generator=generator).to(dtype) if with_bias else None
+    out = window_attention_triton(q, k, v, window, d**-0.5, bias)
+    expected = window_attention(q.float(), k.float(), v.float(), window, d**-0.5,
+                                None if bias is None else bias.float())
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out.float(), expected, TOLERANCES[dtype], f"{dtype} window {window} d {d} bias {with_bias}")
