@@ -132,7 +132,7 @@ def test_render_resumes_after_being_killed_mid_job(micro_artifacts, tmp_path):
     directory, _ = micro_artifacts
     out = tmp_path / "videos"
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": f"clip {i}", "seed": i, "output": f"clip{i}.mp4",
-                                                 "steps": 30} for i in range(3)])
+                                                 "steps": 250} for i in range(3)])  # seconds per job
     args = ["render", "--artifacts", str(directory), "--jobs", str(jobs), "--out-dir", str(out), "-q"]
     code = "import sys\nfrom runtime.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
     process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
@@ -143,11 +143,12 @@ def test_render_resumes_after_being_killed_mid_job(micro_artifacts, tmp_path):
     time.sleep(0.3)  # into the second job
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    finished = sorted(p.name for p in out.glob("*.mp4"))
+    finished = sorted(p.name for p in out.glob("*.mp4") if not p.name.startswith("."))  # final names only
     assert "clip0.mp4" in finished and "clip2.mp4" not in finished
     for name in finished:  # whatever has its final name is complete
         assert read_video(out / name)[0].shape[0] == 9
     first = (out / "clip0.mp4").stat().st_mtime_ns
+    (out / ".clip1.x1y2z3.tmp.mp4").write_bytes(b"half a video")  # as left by a kill while encoding
 
     result = runtime_cli(*args)
     assert result.returncode == 0, result.stderr
