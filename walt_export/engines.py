@@ -88,6 +88,10 @@ def build_engines(directory: str | Path, precision: str = "fp16", attention: str
     if attention == "plugin" and trt.__name__ == "tensorrt_rtx":
         raise ArtifactError("TensorRT-RTX has no plugins: build --attention fallback, or use full TensorRT with the "
                             "wattn plugin registered")
+    if attention == "plugin":
+        from walt_export.window_attention_plugin import register_plugin
+
+        register_plugin()  # the parser maps the plugin variant's wattn nodes to it
     target = detect_target(trt)
     out = directory / "engines" / target.directory_name
     out.mkdir(parents=True, exist_ok=True)

@@ -78,15 +78,16 @@ def _window_attention_kernel(
 
 
 def window_attention_triton(q: Tensor, k: Tensor, v: Tensor, window, scale: float, bias: Tensor | None = None,
-                            block_m: int = 64, block_n: int = 64) -> Tensor:
-    """The op through the Triton kernel; float16 or float32 `[N, T, H, W, d]` tensors (made contiguous)."""
+                            out: Tensor | None = None, block_m: int = 64, block_n: int = 64) -> Tensor:
+    """The op through the Triton kernel; float16 or float32 `[N, T, H, W, d]` tensors (made contiguous).
+    `out`: a contiguous buffer of q's shape and dtype to write into (a TensorRT plugin's output)."""
     wt, wh, ww = check_inputs(q, k, v, bias, window)
     q, k, v = (x.contiguous() for x in (q, k, v))
     n, t, h, w, d = q.shape
     length = wt * wh * ww
     block_m = min(block_m, max(16, triton.next_power_of_2(length)))
     block_n = min(block_n, max(16, triton.next_power_of_2(length)))
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     heads = bias.shape[0] if bias is not None else 1
     bias_arg = bias.to(q.dtype).contiguous() if bias is not None else q  # unused without HAS_BIAS
     grid = (n * (t // wt) * (h // wh) * (w // ww), triton.cdiv(length, block_m))
