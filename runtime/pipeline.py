@@ -153,21 +153,30 @@ class Pipeline:
         uint8 = np.clip(np.round((pixels.transpose(1, 2, 3, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
         return Video(uint8, m.fps, latents)
 
-    def _conditioning(self, prompt: str | None, class_id: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per conditioning input: (conditional, unconditional) arrays of batch 1."""
-        base = self.manifest.stage("base")
-        names = {t.name for t in base.inputs}
+    def check_conditioning(self, prompt: str | None, class_id: int | None) -> str | None:
+        """'text', 'class' or None (unconditional), after checking the request fits this artifact."""
+        names = {t.name for t in self.manifest.stage("base").inputs}
         if "text" in names:
             if prompt is None or class_id is not None:
                 raise ValueError("this artifact is text-to-video: pass a prompt (and no class id)")
-            ids, mask = self.text_tokenizer([prompt, ""])
-            states = self.runner("text_encoder").infer({"input_ids": ids, "attention_mask": mask})["text_states"]
-            return {"text": (states[:1], states[1:]), "text_mask": (mask[:1], mask[1:])}
+            return "text"
         if "class_labels" in names:
             num_classes = self.manifest.config["base"]["num_classes"]
             if class_id is None or prompt is not None or not 0 <= class_id < num_classes:
                 raise ValueError(f"this artifact is class-conditional: pass a class id in [0, {num_classes})")
-            return {"class_labels": (np.array([class_id], np.int64), np.array([num_classes], np.int64))}
+            return "class"
+        return None
+
+    def _conditioning(self, prompt: str | None, class_id: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per conditioning input: (conditional, unconditional) arrays of batch 1."""
+        kind = self.check_conditioning(prompt, class_id)
+        if kind == "text":
+            ids, mask = self.text_tokenizer([prompt, ""])
+            states = self.runner("text_encoder").infer({"input_ids": ids, "attention_mask": mask})["text_states"]
+            return {"text": (states[:1], states[1:]), "text_mask": (mask[:1], mask[1:])}
+        if kind == "class":
+            null = self.manifest.config["base"]["num_classes"]
+            return {"class_labels": (np.array([class_id], np.int64), np.array([null], np.int64))}
         return {}
 
     @property

@@ -83,11 +83,7 @@ def read_jobs(path: str | Path, pipeline: Pipeline) -> list[tuple[int, Job]]:
 
 
 def _check_job(job: Job, pipeline: Pipeline) -> None:
-    names = {t.name for t in pipeline.manifest.stage("base").inputs}
-    if "text" in names and (job.prompt is None or job.class_id is not None):
-        raise ValueError("this artifact is text-to-video: give a prompt and no class_id")
-    if "class_labels" in names and (job.class_id is None or job.prompt is not None):
-        raise ValueError("this artifact is class-conditional: give a class_id and no prompt")
+    pipeline.check_conditioning(job.prompt, job.class_id)
     if job.frames is not None:
         pipeline.check_frames(job.frames)
     if job.image is not None and not Path(job.image).is_file():

@@ -20,6 +20,7 @@ DEFAULT_PRESET = "tiny"
 
 def _parser() -> argparse.ArgumentParser:
     from walt_export.config import PRESETS
+    from walt_export.engines import ATTENTION
 
     parser = argparse.ArgumentParser(prog="walt-export", description="Build, export and compile W.A.L.T cascades.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     engines = sub.add_parser("engines", help="build one TensorRT engine per stage (reused while nothing changed)")
     engines.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
     engines.add_argument("--precision", choices=["fp16", "int8"], default="fp16")
-    engines.add_argument("--attention", choices=["fallback", "plugin"], default="fallback",
+    engines.add_argument("--attention", choices=ATTENTION, default="fallback",
                          help="denoisers: the inlined attention (default) or the wattn plugin")
     engines.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (Jetson: keep it small)")
     engines.add_argument("--timing-cache", help="a timing-cache file, read and updated")

@@ -85,10 +85,12 @@ def build_engines(directory: str | Path, precision: str = "fp16", attention: str
     directory = Path(directory)
     manifest = read_manifest(directory)
     trt = trt or import_tensorrt()
-    if attention == "plugin" and trt.__name__ == "tensorrt_rtx":
-        raise ArtifactError("TensorRT-RTX has no plugins: build --attention fallback, or use full TensorRT with the "
-                            "wattn plugin registered")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     if attention == "plugin":
+        if trt.__name__ == "tensorrt_rtx":
+            raise ArtifactError("TensorRT-RTX has no plugins: build --attention fallback, or use full TensorRT with "
+                                "the wattn plugin registered")
         from walt_export.window_attention_plugin import register_plugin
 
         register_plugin()  # the parser maps the plugin variant's wattn nodes to it

@@ -161,12 +161,17 @@ def _tokenizer_specs(cfg: CascadeConfig) -> list[ExportSpec]:
                    call=lambda m, x: (m(x),), sample=sample_video),
         # The whole clip, which is also the first chunk of a chunked decode: it returns the causal state too.
         ExportSpec("tokenizer_decoder", "tokenizer.decoder", (latent,), (video(frames_in), *states_out), profile,
-                   call=lambda m, z: (lambda out: (out[0], *out[1]))(m(z)), sample=sample_latent),
+                   call=lambda m, z: _flat(*m(z)), sample=sample_latent),
         # A later chunk: the state of the previous call in, 4 frames per latent frame and the next state out.
         ExportSpec("tokenizer_decoder_step", "tokenizer.decoder", (latent, *states_in), (video(frames_step), *states_out),
-                   profile, call=lambda m, z, *state: (lambda out: (out[0], *out[1]))(m(z, state)),
+                   profile, call=lambda m, z, *state: _flat(*m(z, state)),
                    sample=sample_step),
     ]
+
+
+def _flat(video: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The decoder's (video, state) as the exported model's outputs: video, next_state.0, next_state.1, ..."""
+    return (video, *state)
 
 
 def _decoder_state_shapes(cfg: CascadeConfig) -> list[tuple[int, ...]]:

@@ -173,13 +173,13 @@ def write_variants(spec: ExportSpec, canonical: onnx.ModelProto, directory: Path
     if fp16:
         half = fp16_variant(canonical, base_dir=directory)
         path = directory / f"{spec.name}.fp16.onnx"
-        large = any(t.data_location == onnx.TensorProto.EXTERNAL for t in canonical.graph.initializer)
+        large = bool(_data_files(canonical))
         _save(half, path, data=f"{path.name}.data" if large else None)
         if large:
             half = onnx.load(str(path), load_external_data=False)
         check_model(path)
         precisions.append(("fp16", half))
-    files = []
+    files, hashes = [], {}  # data file -> sha256: the plugin and fallback variants share their canonical's
     for precision, model in precisions:
         stem = spec.name if precision == "fp32" else f"{spec.name}.fp16"
         variants = [("canonical", model)]
@@ -193,7 +193,8 @@ def write_variants(spec: ExportSpec, canonical: onnx.ModelProto, directory: Path
                     check_model(path)
             files.append(ModelFile(
                 file=path.name, sha256=sha256_of(path), precision=precision, variant=variant,
-                external_data=tuple(DataFile(file=d, sha256=sha256_of(directory / d)) for d in _data_files(m)),
+                external_data=tuple(DataFile(file=d, sha256=hashes.setdefault(d, sha256_of(directory / d)))
+                                    for d in _data_files(m)),
                 window_attention_nodes=len(window_attention_nodes(m)),
             ))
     return files
