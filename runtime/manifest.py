@@ -20,7 +20,7 @@ FORMAT = "walt-export-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
 Variant = Literal["canonical", "plugin", "fallback"]
 _DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_]\w*)(?:\s*([+-])\s*(\d+))?$")  # 'name', '4*name', '4*name - 3'
 
@@ -71,7 +71,8 @@ class StageInfo(_Schema):
                 return f
         have = ", ".join(f"{f.precision}/{f.variant}" for f in self.files)
         raise ArtifactError(f"no {precision}/{variant} file for {self.module} (this artifact has: {have}); "
-                            "export it with `walt-export onnx ... --fp16` for FP16 files")
+                            "export it with `walt-export onnx ... --fp16` for FP16 files, or run "
+                            "`walt-export calibrate --artifacts DIR` for INT8 files")
 
 
 class LatentInfo(_Schema):

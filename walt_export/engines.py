@@ -7,8 +7,8 @@ log line says why. `check_plan` refuses a plan built for another device or Tenso
 that rebuilds it.
 
 Precision: TensorRT 11 and TensorRT-RTX are strongly typed, so FP16 comes from the artifact's FP16 ONNX files;
-TensorRT 10.x builds the FP32 files with its FP16 builder flag. INT8 comes from Q/DQ files (the calibration
-issue); until an artifact has them, `--precision int8` says so.
+TensorRT 10.x builds the FP32 files with its FP16 builder flag. INT8 comes from the Q/DQ files that
+`walt-export calibrate` adds to the artifact.
 """
 
 from __future__ import annotations
@@ -67,12 +67,19 @@ def detect_target(trt: ModuleType) -> Target:
 
 
 def source_file(stage: StageInfo, precision: str, attention: str, weakly_typed: bool):
-    """The ONNX file an engine of `precision` is built from, and whether the FP16 builder flag is needed."""
-    if precision == "int8":
-        raise ArtifactError("this artifact has no INT8 Q/DQ files yet; calibrate it first (INT8 calibration), or "
-                            "build --precision fp16")
+    """The ONNX file an engine of `precision` is built from, and whether the FP16 builder flag is needed.
+
+    INT8 engines are built from the Q/DQ files of `walt-export calibrate`; on TensorRT 10.x with the FP16 flag
+    too, so the layers left unquantized run in FP16. A stage without Q/DQ files (the text encoder) gets its FP16
+    engine instead.
+    """
     has_wattn = any(f.window_attention_nodes for f in stage.files)
     variant = attention if has_wattn else "canonical"
+    if precision == "int8":
+        if any(f.precision == "int8" for f in stage.files):
+            return stage.file("int8", variant), weakly_typed
+        log.info("%s has no INT8 files: its engine is FP16", stage.module)
+        precision = "fp16"
     if precision == "fp16" and weakly_typed:  # TensorRT 10.x: FP32 ONNX + the FP16 flag
         return stage.file("fp32", variant), True
     return stage.file(precision, variant), False
@@ -94,6 +101,9 @@ def build_engines(directory: str | Path, precision: str = "fp16", attention: str
         from walt_export.window_attention_plugin import register_plugin
 
         register_plugin()  # the parser maps the plugin variant's wattn nodes to it
+    if precision == "int8" and not any(f.precision == "int8" for s in manifest.stages.values() for f in s.files):
+        raise ArtifactError(f"{directory} has no INT8 Q/DQ files; calibrate it first with `walt-export calibrate "
+                            f"--artifacts {directory}`, or build --precision fp16")
     target = detect_target(trt)
     out = directory / "engines" / target.directory_name
     out.mkdir(parents=True, exist_ok=True)

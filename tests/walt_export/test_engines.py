@@ -52,7 +52,7 @@ def test_plans_of_another_device_or_tensorrt_are_refused(built):
 
 def test_int8_and_plugin_requests_are_explained(built):
     artifact, _, _ = built
-    with pytest.raises(ArtifactError, match="no INT8 Q/DQ files yet"):
+    with pytest.raises(ArtifactError, match="no INT8 Q/DQ files; calibrate it first"):
         build_engines(artifact, "int8", trt=trt)
     with pytest.raises(ArtifactError, match="TensorRT-RTX has no plugins"):
         build_engines(artifact, "fp16", attention="plugin", trt=trt)
