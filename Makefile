@@ -3,7 +3,7 @@
 #   make test   run the test suite (what CI runs, through .ci/run)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= torch,cpu,t5,tools,trt-rtx,kernels,test
+EXTRAS ?= torch,cpu,t5,tools,trt-rtx,kernels,calibration,test
 PROMPT ?= a corgi surfing a wave at sunset
 
 .PHONY: demo test

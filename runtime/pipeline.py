@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.manifest import Manifest, StageInfo, check_file, read_manifest
+from runtime.manifest import ArtifactError, Manifest, StageInfo, check_file, read_manifest
 from runtime.runners import Runner, make_runner
 from runtime.scheduler import DDIMScheduler, classifier_free_guidance
 
@@ -77,6 +77,10 @@ class Pipeline:
         """Open an artifact directory (manifest and file hashes checked) with a backend on a device."""
         directory = Path(directory)
         manifest = read_manifest(directory)
+        if not any(f.precision == precision for stage in manifest.stages.values() for f in stage.files):
+            how = {"fp16": "export it with `walt-export onnx ... --fp16`",
+                   "int8": f"calibrate it with `walt-export calibrate --artifacts {directory}`"}.get(precision, "")
+            raise ArtifactError(f"{directory} has no {precision} files; {how or 'choose fp32'}")
         for stage in manifest.stages.values():
             check_file(directory, stage.file(_precision_of(stage, precision)))
 
@@ -244,7 +248,8 @@ class Pipeline:
 
 
 def _precision_of(stage: StageInfo, precision: str) -> str:
-    """The requested precision where the stage has it; the text encoder stays FP32 (T5 overflows in FP16)."""
+    """The requested precision where the stage has it, else FP32; the text encoder stays FP32 (T5 overflows in
+    FP16 and is not quantized)."""
     have = {f.precision for f in stage.files}
     if stage.module == "text_encoder" or precision not in have:
         return "fp32"

@@ -4,6 +4,7 @@
     walt-export init --preset NAME --out PATH.safetensors [--seed N]   write a seeded random-init checkpoint
     walt-export onnx --preset NAME --out DIR [--checkpoint PATH] [--fp16]   export every model to an artifact
     walt-export verify --artifacts DIR [--checkpoint PATH]   onnxruntime vs PyTorch for every model and variant
+    walt-export calibrate --artifacts DIR [--samples 4] [--method percentile]   INT8 Q/DQ files + quality report
     walt-export engines --artifacts DIR [--precision fp16] [--attention fallback]   TensorRT engines + registry
 """
 
@@ -51,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--checkpoint", help="the checkpoint it was exported from, if it moved")
     verify.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes to run (default 1 2)")
 
+    calibrate = sub.add_parser("calibrate", help="INT8 Q/DQ files of every stage, calibrated on the denoising loop, "
+                                                 "with quality gates")
+    calibrate.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
+    calibrate.add_argument("--samples", type=int, default=4, help="calibration generations (default 4)")
+    calibrate.add_argument("--held-out", type=int, default=2, help="held-out generations for the gates (default 2)")
+    calibrate.add_argument("--prompts", help="a text file, one prompt per line (text artifacts; default: built in)")
+    calibrate.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="percentile",
+                           help="activation ranges of the denoisers (the tokenizer uses minmax)")
+    calibrate.add_argument("--timesteps", type=int, default=8,
+                           help="denoiser steps kept per generation, spread over the schedule (default 8)")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
+                           help="override a gate: min_cosine, min_psnr_db, min_video_psnr_db, max_flicker_ratio")
+    calibrate.add_argument("--threads", type=int, default=0, help="onnxruntime CPU threads (0: it decides)")
+
     engines = sub.add_parser("engines", help="build one TensorRT engine per stage (reused while nothing changed)")
     engines.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
     engines.add_argument("--precision", choices=["fp16", "int8"], default="fp16")
@@ -69,6 +85,31 @@ def _engines(args: argparse.Namespace) -> int:
     for d in decisions:
         print(f"{d['stage']:<23} {d['decision']:<6} {Path(d['plan']).name}" + (f"  ({d['reason']})" if "reason" in d else ""))
     print(f"engines in {out}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from calibration.calibrate import INT8_DIR, REPORT, calibrate_artifacts
+    from calibration.report import Gates, format_report
+    from walt_export.onnx_export import write_attention_variants
+
+    gates = Gates.parse(args.gate)
+    prompts = None
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise ValueError(f"no prompts file at {path}")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    report = calibrate_artifacts(args.artifacts, write_attention_variants, samples=args.samples,
+                                 held_out=args.held_out, prompts=prompts, method=args.method, seed=args.seed,
+                                 timesteps=args.timesteps, gates=gates, threads=args.threads, progress=print)
+    print(format_report(report))
+    print(f"wrote {Path(args.artifacts) / INT8_DIR / REPORT}")
+    if report["failures"]:
+        print("walt-export: INT8 gates missed; the INT8 files were not added to the manifest", file=sys.stderr)
+        return 1
+    print(f"INT8 files added to the manifest: run with `python -m runtime generate --artifacts {args.artifacts} "
+          "--precision int8 ...`")
     return 0
 
 
@@ -138,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         elif args.command == "verify":
             return _verify(args)
+        elif args.command == "calibrate":
+            return _calibrate(args)
         elif args.command == "engines":
             return _engines(args)
-    except (walt_export.CheckpointError, walt_export.ConfigError, ArtifactError, ImportError) as e:
+    except (walt_export.CheckpointError, walt_export.ConfigError, ArtifactError, ImportError, ValueError) as e:
         print(f"walt-export: error: {e}", file=sys.stderr)
         return 1
     return 0

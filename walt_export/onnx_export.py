@@ -182,21 +182,32 @@ def write_variants(spec: ExportSpec, canonical: onnx.ModelProto, directory: Path
     files, hashes = [], {}  # data file -> sha256: the plugin and fallback variants share their canonical's
     for precision, model in precisions:
         stem = spec.name if precision == "fp32" else f"{spec.name}.fp16"
-        variants = [("canonical", model)]
-        if window_attention_nodes(model):
-            variants += [("plugin", plugin_variant(model)), ("fallback", fallback_variant(model))]
-        for variant, m in variants:
-            path = directory / (f"{stem}.onnx" if variant == "canonical" else f"{stem}.{variant}.onnx")
-            if variant != "canonical":
-                _save(m, path)
-                if variant == "fallback":
-                    check_model(path)
-            files.append(ModelFile(
-                file=path.name, sha256=sha256_of(path), precision=precision, variant=variant,
-                external_data=tuple(DataFile(file=d, sha256=hashes.setdefault(d, sha256_of(directory / d)))
-                                    for d in _data_files(m)),
-                window_attention_nodes=len(window_attention_nodes(m)),
-            ))
+        files += write_attention_variants(model, directory / f"{stem}.onnx", precision, hashes)
+    return files
+
+
+def write_attention_variants(model: onnx.ModelProto, path: Path, precision: str,
+                             hashes: dict[str, str] | None = None) -> list[ModelFile]:
+    """Entries for a canonical model already saved at `path` and for its plugin and fallback variants, written
+    beside it as `<stem>.plugin.onnx` and `<stem>.fallback.onnx` when it has `wattn` nodes; they share its external
+    data. File names are relative to `path`'s directory; `hashes` caches data-file sha256s across calls."""
+    hashes = {} if hashes is None else hashes
+    variants = [("canonical", model)]
+    if window_attention_nodes(model):
+        variants += [("plugin", plugin_variant(model)), ("fallback", fallback_variant(model))]
+    files = []
+    for variant, m in variants:
+        out = path if variant == "canonical" else path.with_name(f"{path.stem}.{variant}.onnx")
+        if variant != "canonical":
+            _save(m, out)
+            if variant == "fallback":
+                check_model(out)
+        files.append(ModelFile(
+            file=out.name, sha256=sha256_of(out), precision=precision, variant=variant,
+            external_data=tuple(DataFile(file=d, sha256=hashes.setdefault(d, sha256_of(path.parent / d)))
+                                for d in _data_files(m)),
+            window_attention_nodes=len(window_attention_nodes(m)),
+        ))
     return files
 
 

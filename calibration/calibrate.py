@@ -1,0 +1,179 @@
+"""`walt-export calibrate`: INT8 Q/DQ files for every stage of an artifact, with the figures that prove them.
+
+1. Capture (seeded): the FP32 cascade runs `samples` calibration requests and `held_out` others; each stage's
+   feeds are recorded (`capture`), the tokenizer encoder gets real video.
+2. Quantize each stage's canonical FP32 model (`quantize`); check the Q/DQ structure; write the plugin and
+   fallback variants of the quantized canonical beside it.
+3. Measure on the held-out data only: per stage INT8 vs FP32 on the same feeds, and end to end the INT8 cascade's
+   video against the FP32 video of the same seed (`report`).
+4. Write `DIR/int8/` (models, onnxruntime's calibration caches = the activation ranges, `report.json`) as a whole,
+   and add the INT8 files to the manifest only when every gate passed; when one is missed, the files and the
+   report stay for inspection but the runtime cannot pick them up.
+
+The text encoder is not quantized: T5's activations are its weak spot even in FP16 (the runtime keeps it FP32).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from calibration.capture import capture, requests
+from calibration.quantize import METHODS, qdq_problems, qdq_summary, quantize_stage
+from calibration.report import Gates, failures, stage_figures, video_figures
+from runtime.files import atomic_output, usual_mode
+from runtime.manifest import MANIFEST, Manifest, ModelFile, check_file, read_manifest
+from runtime.pipeline import Pipeline
+from runtime.runners import make_runner
+
+log = logging.getLogger(__name__)
+
+INT8_DIR = "int8"
+REPORT = "report.json"
+NOT_QUANTIZED = ("text_encoder",)
+# (quantized canonical model, its path, precision) -> entries of it and its plugin/fallback variants beside it
+WriteVariants = Callable[[onnx.ModelProto, Path, str], list[ModelFile]]
+
+
+class CalibrationError(RuntimeError):
+    """A quantized model that breaks the Q/DQ recipe (a bug, not a quality problem)."""
+
+
+def calibrate_artifacts(directory: str | Path, write_variants: WriteVariants, *, samples: int = 4,
+                        held_out: int = 2, prompts: list[str] | None = None, method: str = "percentile",
+                        seed: int = 0, timesteps: int = 8, gates: Gates = Gates(), threads: int = 0,
+                        progress: Callable[[str], None] | None = None) -> dict:
+    """Calibrate and quantize every stage of the artifact in `directory`; returns the report (also written).
+
+    Args:
+        write_variants: writes the plugin and fallback variants of a quantized canonical model (the exporter's
+            `write_attention_variants`; passed in so this package needs no torch).
+        samples, held_out: calibration and held-out generations (prompts, classes or unconditional).
+        prompts: text prompts for text artifacts (default: a built-in varied list).
+        method: minmax, entropy or percentile (denoisers; the tokenizer stages use minmax).
+        timesteps: denoiser calls kept per generation and stage, spread over the schedule.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
+    if samples < 1 or held_out < 1 or timesteps < 1:
+        raise ValueError(f"samples, held_out and timesteps must be >= 1 (got {samples}, {held_out}, {timesteps})")
+    if prompts is not None and not prompts:
+        raise ValueError("the prompts file has no prompts (one per line)")
+    for stage in manifest.stages.values():
+        check_file(directory, stage.file("fp32"))
+    say = progress or (lambda line: None)
+
+    calibration = requests(manifest, samples, seed, prompts)
+    held = requests(manifest, held_out, seed, prompts, offset=samples)
+    say(f"running the FP32 cascade: {samples} calibration + {held_out} held-out generations")
+    data, _ = capture(directory, calibration, timesteps, threads)
+    held_data, fp32_videos = capture(directory, held, timesteps, threads)
+
+    quantized = [name for name in manifest.stages if name not in NOT_QUANTIZED]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{INT8_DIR}.", suffix=".tmp", dir=directory))
+    try:
+        stages, files = {}, {}
+        for name in quantized:
+            say(f"quantizing {name}")
+            stages[name], files[name] = _quantize(manifest, directory, tmp, name, data[name], held_data[name],
+                                                  method, write_variants, threads)
+        say("running the INT8 cascade on the held-out requests")
+        int8_videos = _generate(manifest, directory, tmp, quantized, held, threads)
+        report = {
+            "method": method, "seed": seed, "samples": samples, "held_out": held_out, "timesteps": timesteps,
+            "requests": {"calibration": [asdict(r) for r in calibration], "held_out": [asdict(r) for r in held]},
+            "not_quantized": [n for n in manifest.stages if n in NOT_QUANTIZED],
+            "gates": asdict(gates), "stages": stages,
+            "video": video_figures([v.frames for v in fp32_videos], int8_videos),
+        }
+        report["failures"] = failures(report, gates)
+        (tmp / REPORT).write_text(_json(report))
+        _replace_int8(directory, manifest, tmp, None if report["failures"] else files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _quantize(manifest: Manifest, directory: Path, tmp: Path, name: str, feeds, held_feeds, method: str,
+              write_variants: WriteVariants, threads: int) -> tuple[dict, list[ModelFile]]:
+    """Quantize one stage into `tmp`; its report entry and its files' manifest entries (paths under int8/)."""
+    stage = manifest.stage(name)
+    source = directory / stage.file("fp32").file
+    out = tmp / f"{name}.onnx"
+    used = quantize_stage(name, source, out, feeds, method, cache=tmp / f"{name}.calibration.json")
+    model = onnx.load(str(out), load_external_data=False)
+    problems = qdq_problems(model, stage.file("fp32").window_attention_nodes)
+    if problems:
+        raise CalibrationError(f"{name}: the quantized model breaks the Q/DQ recipe: {'; '.join(problems[:5])}")
+    entries = [f.model_copy(update={
+        "file": f"{INT8_DIR}/{f.file}",
+        "external_data": tuple(d.model_copy(update={"file": f"{INT8_DIR}/{d.file}"}) for d in f.external_data),
+    }) for f in write_variants(model, out, "int8")]
+    main = stage.outputs[0].name
+    fp32 = _run(source, held_feeds, main, threads)
+    int8 = _run(out, held_feeds, main, threads)
+    entry = {"method": used, "calibration_samples": len(feeds), "held_out_samples": len(held_feeds),
+             "output": main, "quantization": qdq_summary(model), "quality": stage_figures(fp32, int8)}
+    if "timestep" in feeds[0]:
+        entry["calibration_timesteps"] = sorted({float(t) for f in feeds for t in np.unique(f["timestep"])})
+    return entry, entries
+
+
+def _run(path: Path, feeds: list[dict[str, np.ndarray]], output: str, threads: int) -> list[np.ndarray]:
+    with make_runner("onnxruntime", path, threads=threads) as runner:
+        return [runner.infer(f)[output] for f in feeds]
+
+
+def _generate(manifest: Manifest, directory: Path, tmp: Path, quantized: list[str], reqs, threads: int):
+    """The held-out videos of the cascade with the INT8 stages (FP32 for the others)."""
+    def runner_for(name: str):
+        path = tmp / f"{name}.onnx" if name in quantized else directory / manifest.stage(name).file("fp32").file
+        return make_runner("onnxruntime", path, threads=threads)
+
+    with Pipeline(manifest, runner_for, directory) as pipeline:
+        return [pipeline.generate(r.prompt, class_id=r.class_id, seed=r.seed).frames for r in reqs]
+
+
+def _replace_int8(directory: Path, manifest: Manifest, tmp: Path, files: dict[str, list[ModelFile]] | None) -> None:
+    """Swap `tmp` in as `DIR/int8` and list its files in the manifest (`files`), or none when gates were missed.
+
+    The manifest first loses any old INT8 entries, so it never lists files that are being replaced.
+    """
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chmod(path, usual_mode(path.is_dir()))
+    _write_manifest(directory, manifest, {})
+    target = directory / INT8_DIR
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{INT8_DIR}.", suffix=".old", dir=directory))
+        os.replace(target, old / INT8_DIR)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    if files:
+        _write_manifest(directory, manifest, files)
+
+
+def _write_manifest(directory: Path, manifest: Manifest, int8: dict[str, list[ModelFile]]) -> None:
+    stages = {name: stage.model_copy(update={"files": tuple(
+        [f for f in stage.files if f.precision != "int8"] + int8.get(name, []))})
+        for name, stage in manifest.stages.items()}
+    with atomic_output(directory / MANIFEST) as out:
+        out.write_text(manifest.model_copy(update={"stages": stages}).model_dump_json(indent=2) + "\n")
+
+
+def _json(report: dict) -> str:
+    return json.dumps(report, indent=2, default=float) + "\n"
+

@@ -1,0 +1,110 @@
+"""Quality of INT8 against FP32: the figures, the gates they must pass, and the printed table.
+
+Per stage, on held-out samples (never used for calibration): cosine similarity and PSNR of the stage's main
+output, INT8 against FP32 on the same feeds, PSNR with the FP32 output's peak magnitude as the peak. End to end,
+on held-out requests: PSNR of the decoded INT8 video against the FP32 video of the same seed (8-bit frames, peak
+255), and temporal flicker: the mean absolute frame-to-frame difference of the INT8 video over that of the FP32
+video (1.0 = as steady; above 1, INT8 adds flicker). Each gate is checked on the worst held-out sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds every stage and the end-to-end video must meet; `--gate name=value` overrides one."""
+
+    min_cosine: float = 0.985  # stage output, worst held-out sample
+    min_psnr_db: float = 30.0  # stage output, worst held-out sample
+    min_video_psnr_db: float = 28.0  # decoded INT8 video vs FP32 video, same seed
+    max_flicker_ratio: float = 1.10  # INT8 frame-to-frame difference over FP32's
+
+    @classmethod
+    def parse(cls, overrides: list[str]) -> Gates:
+        """Gates from 'name=value' strings, e.g. ['min_cosine=0.999']; a clear error for unknown names."""
+        names = {f.name for f in fields(cls)}
+        values = {}
+        for item in overrides:
+            name, sep, value = item.partition("=")
+            if not sep or name.strip() not in names:
+                raise ValueError(f"bad gate {item!r}: expected name=value with name one of {', '.join(sorted(names))}")
+            try:
+                values[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"bad gate {item!r}: {value!r} is not a number") from None
+        return cls(**values)
+
+
+def cosine(reference: np.ndarray, other: np.ndarray) -> float:
+    a, b = reference.astype(np.float64).ravel(), other.astype(np.float64).ravel()
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denominator) if denominator > 0 else float(np.array_equal(a, b))
+
+
+def psnr(reference: np.ndarray, other: np.ndarray, peak: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB; the peak is the reference's largest magnitude unless given."""
+    reference, other = reference.astype(np.float64), other.astype(np.float64)
+    mse = float(np.mean((reference - other) ** 2))
+    peak = float(np.max(np.abs(reference))) if peak is None else peak
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse) if peak > 0 else -math.inf
+
+
+def flicker(frames: np.ndarray) -> float:
+    """Mean absolute difference between consecutive frames of (T, H, W, 3) uint8."""
+    return float(np.mean(np.abs(np.diff(frames.astype(np.int16), axis=0))))
+
+
+def stage_figures(fp32_outputs: list[np.ndarray], int8_outputs: list[np.ndarray]) -> dict:
+    """Worst and mean cosine and PSNR over held-out samples."""
+    cosines = [cosine(a, b) for a, b in zip(fp32_outputs, int8_outputs)]
+    psnrs = [psnr(a, b) for a, b in zip(fp32_outputs, int8_outputs)]
+    return {"samples": len(cosines), "cosine_min": min(cosines), "cosine_mean": float(np.mean(cosines)),
+            "psnr_db_min": min(psnrs), "psnr_db_mean": float(np.mean(psnrs))}
+
+
+def video_figures(fp32_videos: list[np.ndarray], int8_videos: list[np.ndarray]) -> dict:
+    """Worst video PSNR and worst flicker ratio over held-out requests."""
+    psnrs = [psnr(a, b, peak=255.0) for a, b in zip(fp32_videos, int8_videos)]
+    ratios = [flicker(b) / max(flicker(a), 1e-12) for a, b in zip(fp32_videos, int8_videos)]
+    return {"videos": len(psnrs), "psnr_db_min": min(psnrs), "psnr_db_mean": float(np.mean(psnrs)),
+            "flicker_ratio_max": max(ratios), "flicker_ratio_mean": float(np.mean(ratios))}
+
+
+def failures(report: dict, gates: Gates) -> list[str]:
+    """One line per missed gate, naming the stage (or 'video') and the figure."""
+    out = []
+    for name, stage in report["stages"].items():
+        q = stage["quality"]
+        if q["cosine_min"] < gates.min_cosine:
+            out.append(f"{name}: cosine {q['cosine_min']:.6f} < min_cosine {gates.min_cosine}")
+        if q["psnr_db_min"] < gates.min_psnr_db:
+            out.append(f"{name}: PSNR {q['psnr_db_min']:.2f} dB < min_psnr_db {gates.min_psnr_db}")
+    video = report.get("video")
+    if video is not None:
+        if video["psnr_db_min"] < gates.min_video_psnr_db:
+            out.append(f"video: PSNR {video['psnr_db_min']:.2f} dB < min_video_psnr_db {gates.min_video_psnr_db}")
+        if video["flicker_ratio_max"] > gates.max_flicker_ratio:
+            out.append(f"video: flicker ratio {video['flicker_ratio_max']:.3f} > max_flicker_ratio "
+                       f"{gates.max_flicker_ratio}")
+    return out
+
+
+def format_report(report: dict) -> str:
+    """The table `walt-export calibrate` prints."""
+    lines = [f"{'stage':<23} {'method':<10} {'quantized':>10} {'int8 wts':>8} {'cos min':>9} {'PSNR min':>9}"]
+    for name, s in report["stages"].items():
+        q, p = s["quality"], s["quantization"]
+        lines.append(f"{name:<23} {s['method']:<10} {p['quantized_nodes']:>4}/{p['quantizable_nodes']:<5} "
+                     f"{p['int8_weight_share']:>7.1%} {q['cosine_min']:>9.5f} {q['psnr_db_min']:>7.2f}dB")
+    video = report.get("video")
+    if video is not None:
+        lines.append(f"video (INT8 vs FP32, same seed, {video['videos']} held out): PSNR min {video['psnr_db_min']:.2f} "
+                     f"dB, mean {video['psnr_db_mean']:.2f} dB; flicker ratio max {video['flicker_ratio_max']:.3f}")
+    missed = report.get("failures", [])
+    lines.append("gates: " + ("passed" if not missed else "MISSED: " + "; ".join(missed)))
+    return "\n".join(lines)
