@@ -9,8 +9,14 @@ that use it need this module imported (and registered) wherever they are deseria
 
 Requires TensorRT >= 10.9 with `tensorrt.plugin` (not TensorRT-RTX, which has no plugins, and not JetPack 6's
 TensorRT 10.3: there the route is a C++ IPluginV3 with the same name, namespace, version and fields, loaded by
-`trtexec --dynamicPlugins` or `IPluginRegistry.load_library`). Not done yet: an ahead-of-time (PTX) implementation
-(`trtp.aot_impl`), which needs the kernel's float `scale` as a compile-time constant or scaled into q beforehand.
+`trtexec --dynamicPlugins` or `IPluginRegistry.load_library`; see docs/jetpack6_plugin.md).
+
+An ahead-of-time implementation is registered too (`trtp.aot_impl`, TensorRT >= 10.9): the same kernel compiled to
+PTX by `window_attention_kernel.compile_aot` with the scale compiled in and the shapes passed as symbolic int32
+extras, so engines built with it run without Python (trtexec, C++). TensorRT picks AOT or JIT per its
+`PREFER_AOT_PYTHON_PLUGINS` / `PREFER_JIT_PYTHON_PLUGINS` builder flags. The PTX compiles on a CPU (tested); its
+launch by TensorRT is unverified, and Triton 3.x kernels carry two trailing scratch-pointer parameters that
+TensorRT does not pass (unused at size 0): the first thing to check on a GPU.
 QDP has no optional inputs: the plugin takes the relative-position bias as its 4th input, so models exported
 without a bias must use the fallback variant.
 
@@ -19,7 +25,7 @@ it has not run here: no full TensorRT or GPU on the development machines.
 """
 
 import logging
-from typing import List, Tuple  # QDP validates the hints as objects: no `from __future__ import annotations` here
+from typing import List, Tuple, Union  # QDP validates the hints as objects: no `from __future__ import annotations` here
 
 from walt_export.window_attention import OP_DOMAIN, OP_TYPE
 
@@ -59,5 +65,40 @@ def register_plugin() -> None:
             out = torch.as_tensor(outputs[0], device="cuda")
             window_attention_triton(tq, tk, tv, tuple(int(w) for w in window), float(scale), tb, out=out)
 
+    @trtp.aot_impl(PLUGIN_ID)
+    def compile_ptx(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc,
+                    window: npt.NDArray[np.int32], scale: float, outputs: Tuple[trtp.TensorDesc],
+                    tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
+                                          trtp.SymExprs]:
+        import tensorrt as trt
+
+        from walt_export.window_attention_kernel import compile_aot
+
+        shape = [q.shape_expr[i] for i in range(5)]  # N, T, H, W, d
+        head_dim = _constant(shape[4])
+        if head_dim is None:
+            raise ValueError("the wattn plugin needs a static head dim")
+        sizes = [shape[1 + i] if int(window[i]) == -1 else int(window[i]) for i in range(3)]
+        known = [_constant(x) for x in sizes]
+        length = None if None in known else known[0] * known[1] * known[2]
+        kernel = compile_aot("fp16" if q.dtype == trt.float16 else "fp32", scale, head_dim, length)
+        t, h, w = (trtp.SymInt32(x) for x in shape[1:4])
+        wt, wh, ww = (trtp.SymInt32(x) for x in sizes)
+        nh, nw, volume = h // wh, w // ww, wt * wh * ww
+        extras = [t, h, w, trtp.SymInt32(shape[4]), trtp.SymInt32(bias.shape_expr[0]), wt, wh, ww, nh, nw, volume]
+        params = trtp.KernelLaunchParams()
+        params.grid_x = trtp.SymInt32(shape[0]) * (t // wt) * nh * nw
+        params.grid_y = trtp.cdiv(volume, kernel.block_m)
+        params.block_x = kernel.num_warps * 32
+        params.shared_mem = kernel.shared_bytes
+        return kernel.name.encode(), kernel.ptx.encode(), params, trtp.SymIntExprs.from_tuple(extras)
+
     _registered = True
-    log.info("registered the TensorRT plugin %s (version 1, JIT Triton implementation)", PLUGIN_ID)
+    log.info("registered the TensorRT plugin %s (version 1, JIT and AOT Triton implementations)", PLUGIN_ID)
+
+
+def _constant(dim) -> int | None:
+    """A shape expression's value when it is known at build time."""
+    if isinstance(dim, int):
+        return dim
+    return int(dim.constant_value) if dim.is_constant else None

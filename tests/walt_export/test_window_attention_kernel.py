@@ -31,3 +31,33 @@ def test_kernel_matches_the_reference_op(generator, dtype, grid, window, d, with
                                 None if bias is None else bias.float())
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out.float(), expected, TOLERANCES[dtype], f"{dtype} window {window} d {d} bias {with_bias}")
+
+
+def test_ahead_of_time_ptx_in_tensorrt_launch_order():
+    """The plugin's AOT kernel compiles to PTX without a GPU (outside the interpreter, hence a subprocess):
+    4 input pointers, the 11 int32 extras, the output pointer, then Triton's two scratch pointers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import json, re
+from walt_export.window_attention_kernel import AOT_INT_ARGS, compile_aot
+out = []
+for dtype, cc, length in (("fp16", 87, 448), ("fp32", 90, None)):
+    k = compile_aot(dtype, 0.125, 64, length, compute_capability=cc)
+    entry = k.ptx[k.ptx.index(".visible .entry " + k.name):]
+    params = re.findall(r"\\.param \\.(u64 \\.ptr|u32)", entry[:entry.index(")")])
+    out.append({"target": re.search(r"\\.target (\\w+)", k.ptx).group(1), "params": params,
+                "warps": k.num_warps, "shared": k.shared_bytes, "block_m": k.block_m, "ints": len(AOT_INT_ARGS)})
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for result, target in zip(json.loads(done.stdout.splitlines()[-1]), ("sm_87", "sm_90a")):
+        ptr, i32 = "u64 .ptr", "u32"
+        assert result["target"] == target
+        assert result["params"] == [ptr] * 4 + [i32] * result["ints"] + [ptr] + [ptr] * 2, result["params"]
+        assert result["warps"] >= 1 and 0 < result["shared"] <= 228 * 1024 and result["block_m"] == 64
