@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"stage": name, "batch": args.batch, "times_s": times, "median_s": medians,
                      "fp32_over_int8": medians["fp32"] / medians["int8"]})
 
-    print(f"{'stage':<8} {'batch':>5} {'fp32 ms':>9} {'int8 ms':>9} {'fp32/int8':>9}")
+    print(f"{'stage':<23} {'batch':>5} {'fp32 ms':>9} {'int8 ms':>9} {'fp32/int8':>9}")
     for row in rows:
         m = row["median_s"]
-        print(f"{row['stage']:<8} {row['batch']:>5} {m['fp32'] * 1e3:>9.1f} {m['int8'] * 1e3:>9.1f} "
+        print(f"{row['stage']:<23} {row['batch']:>5} {m['fp32'] * 1e3:>9.1f} {m['int8'] * 1e3:>9.1f} "
               f"{row['fp32_over_int8']:>9.2f}")
     if args.out:
         result = {"artifact": str(directory), "name": manifest.name, "threads": args.threads,

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from runtime.pipeline import Pipeline
     from runtime.render import JobsError, read_jobs, render
+    from runtime.tensorrt_runner import CudaError
 
     try:
         with Pipeline.from_artifacts(args.artifacts, args.backend, args.device, args.precision, args.threads) as pipe:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = read_jobs(args.jobs, pipe)
             progress = None if args.quiet else (lambda number, job: ProgressBar(f"line {number} "))
             results = render(pipe, jobs, args.out_dir, progress)
-    except (ArtifactError, JobsError, ValueError, FileNotFoundError) as e:
+    except (ArtifactError, JobsError, ValueError, FileNotFoundError, ImportError, CudaError) as e:
         print(f"python -m runtime: error: {e}", file=sys.stderr)
         return 1
     counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}

@@ -74,19 +74,26 @@ class Pipeline:
     @classmethod
     def from_artifacts(cls, directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                        precision: str = "fp32", threads: int = 0) -> Pipeline:
-        """Open an artifact directory (manifest and file hashes checked) with a backend on a device."""
+        """Open an artifact directory with a backend on a device: `onnxruntime` runs its ONNX files (sha256
+        checked), `tensorrt` the plans `walt-export engines --precision P` built for this machine (build.json
+        checked)."""
         directory = Path(directory)
         manifest = read_manifest(directory)
-        if not any(f.precision == precision for stage in manifest.stages.values() for f in stage.files):
-            how = {"fp16": "export it with `walt-export onnx ... --fp16`",
-                   "int8": f"calibrate it with `walt-export calibrate --artifacts {directory}`"}.get(precision, "")
-            raise ArtifactError(f"{directory} has no {precision} files; {how or 'choose fp32'}")
-        for stage in manifest.stages.values():
-            check_file(directory, stage.file(_precision_of(stage, precision)))
+        if backend == "tensorrt":  # every plan is <stage>.P.plan, whatever precision its source file had
+            from runtime.engine_registry import find_plan, import_tensorrt
+
+            trt = import_tensorrt()
+            files = {name: find_plan(directory, name, precision, trt) for name in manifest.stages}
+        else:
+            if not any(f.precision == precision for stage in manifest.stages.values() for f in stage.files):
+                how = {"fp16": "export it with `walt-export onnx ... --fp16`",
+                       "int8": f"calibrate it with `walt-export calibrate --artifacts {directory}`"}.get(precision, "")
+                raise ArtifactError(f"{directory} has no {precision} files; {how or 'choose fp32'}")
+            files = {name: check_file(directory, stage.file(_precision_of(stage, precision)))
+                     for name, stage in manifest.stages.items()}
 
         def runner_for(name: str) -> Runner:
-            stage = manifest.stage(name)
-            return make_runner(backend, directory / stage.file(_precision_of(stage, precision)).file, device, threads)
+            return make_runner(backend, files[name], device, threads)
 
         return cls(manifest, runner_for, directory)
 
@@ -232,6 +239,8 @@ class Pipeline:
         if guided:  # one 2B call: conditional half first
             fixed = {k: np.concatenate([v, v]) for k, v in fixed.items()}
             fixed |= {k: np.concatenate([cond, uncond]) for k, (cond, uncond) in conditioning.items()}
+        for array in fixed.values():  # the same every step: a TensorRT runner keeps frozen feeds on the GPU
+            array.flags.writeable = False
         batch = 2 if guided else 1
         x = rng.standard_normal(shape).astype(np.float32)
         x0 = np.zeros_like(x)

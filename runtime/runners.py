@@ -4,7 +4,9 @@
         outputs = runner.infer(feeds)   # dicts of arrays keyed by the manifest's input and output names
 
 The sampling loop is written once against this protocol (Polygraphy's runner shape: activate, infer, deactivate).
-Backends are imported lazily, so `import runtime` needs neither onnxruntime nor TensorRT.
+Backends: `onnxruntime` (an ONNX file, on the CPU, CUDA or onnxruntime's TensorRT EP) and `tensorrt` (a plan of
+`walt-export engines`, run by `runtime.tensorrt_runner.TensorRTRunner` with buffers kept on the GPU). They are
+imported lazily, so `import runtime` needs neither onnxruntime nor TensorRT.
 """
 
 from __future__ import annotations
@@ -81,12 +83,15 @@ _PROVIDERS = {  # device -> onnxruntime execution providers, in order of prefere
 
 
 def make_runner(backend: str, path: str | Path, device: str = "cpu", threads: int = 0) -> Runner:
-    """A runner for one model file: `onnxruntime` on a device (cpu, cuda, or tensorrt = its TensorRT EP)."""
+    """A runner for one model file: `onnxruntime` on a device (cpu, cuda, or tensorrt = its TensorRT EP) with
+    `threads`; `tensorrt` for a plan (`runtime.engine_registry.find_plan`) on the current CUDA GPU, where `device`
+    and `threads` do not apply."""
     if backend == "onnxruntime":
         if device not in _PROVIDERS:
             raise ValueError(f"unknown device {device!r} for onnxruntime; devices: {', '.join(_PROVIDERS)}")
         return OnnxRuntimeRunner(path, _PROVIDERS[device], threads)
     if backend == "tensorrt":
-        raise ValueError("the TensorRT backend runs engines built by `walt-export engines`, which this version does "
-                         "not build yet; use --backend onnxruntime (--device tensorrt uses onnxruntime's TensorRT EP)")
+        from runtime.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(path)
     raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")

@@ -21,6 +21,7 @@ DEFAULT_PRESET = "tiny"
 
 def _parser() -> argparse.ArgumentParser:
     from walt_export.config import PRESETS
+    from runtime.engine_registry import PRECISIONS
     from walt_export.engines import ATTENTION
 
     parser = argparse.ArgumentParser(prog="walt-export", description="Build, export and compile W.A.L.T cascades.")
@@ -69,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
     engines = sub.add_parser("engines", help="build one TensorRT engine per stage (reused while nothing changed)")
     engines.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
-    engines.add_argument("--precision", choices=["fp16", "int8"], default="fp16")
+    engines.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                         help="int8 needs `walt-export calibrate` first")
     engines.add_argument("--attention", choices=ATTENTION, default="fallback",
                          help="denoisers: the inlined attention (default) or the wattn plugin")
     engines.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (Jetson: keep it small)")
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     import walt_export
     from runtime.manifest import ArtifactError
+    from walt_export.tensorrt_build import EngineBuildError
 
     try:
         if args.command == "summary":
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(args)
         elif args.command == "engines":
             return _engines(args)
-    except (walt_export.CheckpointError, walt_export.ConfigError, ArtifactError, ImportError, ValueError) as e:
+    except (walt_export.CheckpointError, walt_export.ConfigError, ArtifactError, EngineBuildError, ImportError,
+            ValueError) as e:
         print(f"walt-export: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -3,8 +3,8 @@
 `build.json` in that directory records, per stage, what its plan was built from: the source ONNX file and its
 sha256, precision, attention path, profile, TensorRT module and version, device and compute capability, plan
 sha256 and build time. A plan is reused only when all of these match the request; otherwise it is rebuilt and a
-log line says why. `check_plan` refuses a plan built for another device or TensorRT version and names the command
-that rebuilds it.
+log line says why. The target naming, the registry file and `check_plan` (which refuses a plan built for another
+device or TensorRT version) live in `runtime.engine_registry`, shared with the runtime that runs the plans.
 
 Precision: TensorRT 11 and TensorRT-RTX are strongly typed, so FP16 comes from the artifact's FP16 ONNX files;
 TensorRT 10.x builds the FP32 files with its FP16 builder flag. INT8 comes from the Q/DQ files that
@@ -13,57 +13,21 @@ TensorRT 10.x builds the FP32 files with its FP16 builder flag. INT8 comes from 
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import shutil
-import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
+from runtime.engine_registry import ENGINES, detect_target, import_tensorrt, read_registry, write_registry
 from runtime.files import atomic_output
 from runtime.manifest import ArtifactError, StageInfo, check_file, read_manifest, sha256_of
-from walt_export.tensorrt_build import build_engine, import_tensorrt
+from walt_export.tensorrt_build import build_engine
 from walt_export.window_attention import PLUGIN_VERSION
 
 log = logging.getLogger(__name__)
 
-BUILD_JSON = "build.json"
 ATTENTION = ("fallback", "plugin")  # which denoiser variant is compiled: inlined body, or the wattn plugin
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a plan is tied to: the TensorRT build and the device."""
-
-    tensorrt: str  # module name: tensorrt or tensorrt_rtx
-    version: str
-    device: str  # GPU name, or "cpu-aot" for TensorRT-RTX builds without a GPU
-    compute_capability: str | None  # "9.0"; None for ahead-of-time builds
-
-    @property
-    def directory_name(self) -> str:
-        device = re.sub(r"[^a-z0-9]+", "-", self.device.lower()).strip("-")
-        sm = f"-sm{self.compute_capability.replace('.', '')}" if self.compute_capability else ""
-        flavour = "trtrtx" if self.tensorrt == "tensorrt_rtx" else "trt"
-        return f"{device}{sm}-{flavour}{self.version}"
-
-
-def detect_target(trt: ModuleType) -> Target:
-    """The first GPU from nvidia-smi; without one only TensorRT-RTX can build (ahead of time, for RTX GPUs)."""
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                               capture_output=True, text=True, check=False)
-        if query.returncode == 0 and query.stdout.strip():
-            gpu = [part.strip() for part in query.stdout.splitlines()[0].split(",")]
-    if gpu is not None:
-        return Target(trt.__name__, trt.__version__, gpu[0], gpu[1])
-    if trt.__name__ == "tensorrt_rtx":
-        return Target(trt.__name__, trt.__version__, "cpu-aot", None)
-    raise ArtifactError("no GPU found (nvidia-smi): full TensorRT builds engines on the GPU that will run them")
 
 
 def source_file(stage: StageInfo, precision: str, attention: str, weakly_typed: bool):
@@ -105,9 +69,9 @@ def build_engines(directory: str | Path, precision: str = "fp16", attention: str
         raise ArtifactError(f"{directory} has no INT8 Q/DQ files; calibrate it first with `walt-export calibrate "
                             f"--artifacts {directory}`, or build --precision fp16")
     target = detect_target(trt)
-    out = directory / "engines" / target.directory_name
+    out = directory / ENGINES / target.directory_name
     out.mkdir(parents=True, exist_ok=True)
-    registry = _read_registry(out)
+    registry = read_registry(out)
     weakly_typed = hasattr(trt.BuilderFlag, "FP16")
     decisions = []
     for name, stage in manifest.stages.items():
@@ -131,27 +95,9 @@ def build_engines(directory: str | Path, precision: str = "fp16", attention: str
             tmp.write_bytes(serialized)
         registry[name] = wanted | {"plan": plan.name, "plan_sha256": sha256_of(plan),
                                    "build_seconds": round(time.perf_counter() - start, 3)}
-        _write_registry(out, registry)
+        write_registry(out, registry)
         decisions.append({"stage": name, "decision": "built", "reason": reason, "plan": str(plan)})
     return out, decisions
-
-
-def check_plan(plan: str | Path, trt: ModuleType, target: Target | None = None) -> dict:
-    """The registry entry of a plan, after checking that it was built for this TensorRT and device."""
-    plan = Path(plan)
-    entry = next((e for e in _read_registry(plan.parent).values() if e.get("plan") == plan.name), None)
-    if entry is None or not plan.is_file():
-        raise ArtifactError(f"{plan} is not a registered engine; build it with `walt-export engines --artifacts DIR`")
-    target = target or detect_target(trt)
-    built_for = Target(entry["tensorrt"], entry["version"], entry["device"], entry["compute_capability"])
-    if built_for != target:
-        raise ArtifactError(f"{plan.name} was built for {built_for.directory_name}, this machine is "
-                            f"{target.directory_name}; rebuild with `walt-export engines --artifacts DIR "
-                            f"--precision {entry['precision']}`")
-    if sha256_of(plan) != entry["plan_sha256"]:
-        raise ArtifactError(f"{plan} does not match its build.json (modified or truncated); rebuild it with "
-                            f"`walt-export engines --artifacts DIR --precision {entry['precision']}`")
-    return entry
 
 
 def _rebuild_reason(entry: dict | None, wanted: dict, plan: Path) -> str | None:
@@ -165,19 +111,3 @@ def _rebuild_reason(entry: dict | None, wanted: dict, plan: Path) -> str | None:
 
 def _workspace(gb: float | None) -> int | None:
     return None if gb is None else int(gb * 2**30)
-
-
-def _read_registry(out: Path) -> dict:
-    path = out / BUILD_JSON
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())["engines"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        log.warning("%s is unreadable: every engine will be rebuilt", path)
-        return {}
-
-
-def _write_registry(out: Path, engines: dict) -> None:
-    with atomic_output(out / BUILD_JSON) as tmp:
-        tmp.write_text(json.dumps({"engines": engines}, indent=2) + "\n")

@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 
+from runtime.engine_registry import BUILD_JSON, Target, check_plan, detect_target, find_plan
 from runtime.manifest import ArtifactError
-from walt_export.engines import BUILD_JSON, Target, build_engines, check_plan, detect_target
+from walt_export.engines import build_engines
 from walt_export.tensorrt_build import network_layers
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (extra trt-rtx)")
@@ -48,6 +49,14 @@ def test_plans_of_another_device_or_tensorrt_are_refused(built):
     with pytest.raises(ArtifactError, match=r"was built for cpu-aot-trtrtx.*this machine is orin-sm87-trt10.3.0; "
                                             r"rebuild with `walt-export engines"):
         check_plan(out / "base.fp16.plan", trt, orin)
+
+
+def test_the_runtime_finds_the_plans_of_this_machine(built):
+    artifact, out, _ = built
+    assert find_plan(artifact, "base", "fp16", trt) == out / "base.fp16.plan"
+    with pytest.raises(ArtifactError, match=r"no base\.int8\.plan in .* build it with `walt-export engines "
+                                            r"--artifacts .* --precision int8`"):
+        find_plan(artifact, "base", "int8", trt)
 
 
 def test_int8_and_plugin_requests_are_explained(built):
