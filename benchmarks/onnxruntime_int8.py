@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.stages:
         stage = manifest.stage(name)
-        if not any(f.precision == "int8" for f in stage.files):
+        if "int8" not in stage.precisions:
             print(f"{name}: no INT8 file (run walt-export calibrate)", file=sys.stderr)
             return 1
         feeds = feeds_for(stage, args.batch)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import onnx
 from calibration.capture import capture, requests
 from calibration.quantize import METHODS, qdq_problems, qdq_summary, quantize_stage
 from calibration.report import Gates, failures, stage_figures, video_figures
-from runtime.files import atomic_output, usual_mode
+from runtime.files import atomic_output, replace_directory
 from runtime.manifest import MANIFEST, Manifest, ModelFile, check_file, read_manifest
 from runtime.pipeline import Pipeline
 from runtime.runners import make_runner
@@ -151,17 +150,8 @@ def _replace_int8(directory: Path, manifest: Manifest, tmp: Path, files: dict[st
 
     The manifest first loses any old INT8 entries, so it never lists files that are being replaced.
     """
-    for path in [tmp, *tmp.rglob("*")]:
-        os.chmod(path, usual_mode(path.is_dir()))
     _write_manifest(directory, manifest, {})
-    target = directory / INT8_DIR
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{INT8_DIR}.", suffix=".old", dir=directory))
-        os.replace(target, old / INT8_DIR)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
+    replace_directory(tmp, directory / INT8_DIR)
     if files:
         _write_manifest(directory, manifest, files)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from calibration.real_video import video_clips
 from runtime.manifest import Manifest, check_file, read_manifest
-from runtime.pipeline import STAGES, Pipeline, Video
+from runtime.pipeline import OVERLAP_LATENT_FRAMES, Pipeline, Video
 from runtime.runners import Runner, make_runner
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ DEFAULT_PROMPTS = (
     "a steam train crossing a stone bridge in autumn",
     "an underwater coral reef with a school of fish",
 )
-OVERLAP_LATENT_FRAMES = 2  # the latent frames a continuation is conditioned on (runtime.pipeline.OVERLAP_FRAMES)
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,6 @@ class FeedsReader:
     def set_range(self, start_index: int, end_index: int) -> None:
         self._items = iter(self.feeds[start_index:end_index])
 
-    def __iter__(self):
-        return iter(self.feeds)
-
 
 def quantize_stage(stage: str, source: Path, out: Path, feeds: list[dict[str, np.ndarray]], method: str,
                    cache: Path | None = None) -> str:

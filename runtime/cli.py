@@ -11,8 +11,9 @@ import argparse
 import logging
 import sys
 import time
+from typing import get_args
 
-from runtime.manifest import ArtifactError
+from runtime.manifest import ArtifactError, Precision
 from runtime.runners import BACKENDS
 
 
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--artifacts", required=True, help="an artifact directory (walt-export onnx)")
         p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
         p.add_argument("--device", default="cpu", help="cpu, cuda, or tensorrt (onnxruntime's TensorRT EP)")
-        p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+        p.add_argument("--precision", choices=get_args(Precision), default="fp32",
                        help="which files to run (fp16: an artifact exported with --fp16; int8: one calibrated "
                             "with `walt-export calibrate`)")
         p.add_argument("--threads", type=int, default=0, help="CPU threads per model (0: onnxruntime decides)")

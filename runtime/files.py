@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,3 +32,17 @@ def atomic_output(target: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_directory(staged: Path, target: Path) -> None:
+    """Give a directory staged beside `target` the usual modes (mkdtemp makes it private) and rename it onto
+    `target`, replacing an existing one as a whole: the old one is moved aside first, then removed."""
+    for path in [staged, *staged.rglob("*")]:
+        os.chmod(path, usual_mode(path.is_dir()))
+    if not target.exists():
+        os.replace(staged, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(staged, target)
+    shutil.rmtree(old)

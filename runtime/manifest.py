@@ -65,6 +65,11 @@ class StageInfo(_Schema):
     profile: dict[str, tuple[int, int, int]]  # dynamic dim -> (min, opt, max) for TensorRT
     files: tuple[ModelFile, ...]
 
+    @property
+    def precisions(self) -> set[str]:
+        """The precisions this stage has files of."""
+        return {f.precision for f in self.files}
+
     def file(self, precision: Precision = "fp32", variant: Variant = "canonical") -> ModelFile:
         for f in self.files:
             if f.precision == precision and f.variant == variant:
@@ -105,6 +110,11 @@ class Manifest(_Schema):
     stages: dict[str, StageInfo]  # in pipeline order
     opset: int
     exporter: dict[str, str]  # package -> version
+
+    @property
+    def precisions(self) -> set[str]:
+        """The precisions any stage has files of."""
+        return set().union(*(stage.precisions for stage in self.stages.values()))
 
     def stage(self, name: str) -> StageInfo:
         if name not in self.stages:

@@ -33,7 +33,8 @@ from runtime.scheduler import DDIMScheduler, classifier_free_guidance
 log = logging.getLogger(__name__)
 
 STAGES = ("base", "sr1", "sr2")
-OVERLAP_FRAMES = 5  # frames of the previous clip re-encoded to condition the next (2 latent frames)
+OVERLAP_FRAMES = 5  # frames of the previous clip re-encoded to condition the next
+OVERLAP_LATENT_FRAMES = 2  # ... into these latent frames (1 + 4k frames -> k + 1 latent frames)
 Progress = Callable[[str, int, int], None]  # (stage, step done, steps)
 
 
@@ -85,7 +86,7 @@ class Pipeline:
             trt = import_tensorrt()
             files = {name: find_plan(directory, name, precision, trt) for name in manifest.stages}
         else:
-            if not any(f.precision == precision for stage in manifest.stages.values() for f in stage.files):
+            if precision not in manifest.precisions:
                 how = {"fp16": "export it with `walt-export onnx ... --fp16`",
                        "int8": f"calibrate it with `walt-export calibrate --artifacts {directory}`"}.get(precision, "")
                 raise ArtifactError(f"{directory} has no {precision} files; {how or 'choose fp32'}")
@@ -117,7 +118,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ generate
     def check_frames(self, frames: int) -> None:
         """Lengths this artifact makes: one clip, plus any number of continuations of `new` frames each."""
-        one, new = self.manifest.frames, (self.manifest.latent.frames - 2) * 4  # 4 frames per new latent frame
+        one = self.manifest.frames
+        new = (self.manifest.latent.frames - OVERLAP_LATENT_FRAMES) * 4  # 4 frames per new latent frame
         if frames == one or (new > 0 and frames > one and (frames - one) % new == 0):
             return
         more = f", {one + new}, {one + 2 * new}, ... ({one} + {new}k)" if new > 0 else " only"
@@ -154,7 +156,8 @@ class Pipeline:
                 out = self.runner("tokenizer_decoder").infer({"latent": final})
                 video.append(out["video"])
             else:  # continue the causal decode past the conditioning latent frames
-                out = self.runner("tokenizer_decoder_step").infer({"latent": final[:, :, 2:], **state})
+                out = self.runner("tokenizer_decoder_step").infer({"latent": final[:, :, OVERLAP_LATENT_FRAMES:],
+                                                                   **state})
                 video.append(out["video"])
             state = {k.replace("next_", "", 1): v for k, v in out.items() if k.startswith("next_state")}
             if sum(v.shape[2] for v in video) >= frames:
@@ -259,8 +262,7 @@ class Pipeline:
 def _precision_of(stage: StageInfo, precision: str) -> str:
     """The requested precision where the stage has it, else FP32; the text encoder stays FP32 (T5 overflows in
     FP16 and is not quantized)."""
-    have = {f.precision for f in stage.files}
-    if stage.module == "text_encoder" or precision not in have:
+    if stage.module == "text_encoder" or precision not in stage.precisions:
         return "fp32"
     return precision
 

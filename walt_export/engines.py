@@ -40,7 +40,7 @@ def source_file(stage: StageInfo, precision: str, attention: str, weakly_typed: 
     has_wattn = any(f.window_attention_nodes for f in stage.files)
     variant = attention if has_wattn else "canonical"
     if precision == "int8":
-        if any(f.precision == "int8" for f in stage.files):
+        if "int8" in stage.precisions:
             return stage.file("int8", variant), weakly_typed
         log.info("%s has no INT8 files: its engine is FP16", stage.module)
         precision = "fp16"
@@ -65,7 +65,7 @@ def build_engines(directory: str | Path, precision: str = "fp16", attention: str
         from walt_export.window_attention_plugin import register_plugin
 
         register_plugin()  # the parser maps the plugin variant's wattn nodes to it
-    if precision == "int8" and not any(f.precision == "int8" for s in manifest.stages.values() for f in s.files):
+    if precision == "int8" and "int8" not in manifest.precisions:
         raise ArtifactError(f"{directory} has no INT8 Q/DQ files; calibrate it first with `walt-export calibrate "
                             f"--artifacts {directory}`, or build --precision fp16")
     target = detect_target(trt)

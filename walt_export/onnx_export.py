@@ -18,7 +18,6 @@ import gc
 import importlib.metadata
 import itertools
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -31,7 +30,7 @@ import onnx
 import torch
 from torch import nn
 
-from runtime.files import usual_mode
+from runtime.files import replace_directory
 from runtime.manifest import (
     MANIFEST,
     ArtifactError,
@@ -298,15 +297,7 @@ def _staging(out: Path, name: str, source: dict) -> Iterator[Path]:
         raise ArtifactError(f"cannot write into {out.parent}: {e.strerror}; pass an --out in a writable place") from None
     try:
         yield tmp
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and the exporter's external data are private
-            os.chmod(path, usual_mode(path.is_dir()))
-        if out.exists():  # an empty directory or the same artifact, replaced as a whole
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        replace_directory(tmp, out)  # an empty directory or the same artifact is replaced as a whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -84,14 +84,14 @@ def network_layers(onnx_path: str | Path, trt: ModuleType | None = None) -> list
 def _polygraphy_errors(logger, failure: str) -> Iterator[None]:
     """Polygraphy's console output captured (TensorRT's messages pass through it): on success it goes to the debug
     log; Polygraphy's failure (PolygraphyException) becomes an EngineBuildError carrying TensorRT's error lines."""
+    from polygraphy.exception import PolygraphyException
+
     output = io.StringIO()
     try:
         with logger.verbosity(logger.INFO if log.isEnabledFor(logging.DEBUG) else logger.WARNING), \
                 contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
             yield
-    except Exception as e:
-        if type(e).__name__ != "PolygraphyException":
-            raise
+    except PolygraphyException as e:
         errors = [line.strip() for line in output.getvalue().splitlines() if line.startswith(("[E]", "[!]"))]
         raise EngineBuildError(f"{failure}: {'; '.join(errors) or e}") from None
     finally:
