@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from runtime.manifest import StageInfo, read_manifest
-from runtime.pipeline import STAGES
 from runtime.runners import make_runner
 
 
@@ -48,7 +47,7 @@ def feeds_for(stage: StageInfo, batch: int, seed: int = 0) -> dict[str, np.ndarr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", required=True, help="a calibrated artifact directory")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), help="default: the denoisers")
+    parser.add_argument("--stages", nargs="+", help="default: the denoisers")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(args.artifacts)
     manifest = read_manifest(directory)
     rows = []
-    for name in args.stages:
+    for name in args.stages or list(manifest.denoisers):
         stage = manifest.stage(name)
         if "int8" not in stage.precisions:
             print(f"{name}: no INT8 file (run walt-export calibrate)", file=sys.stderr)

@@ -10,7 +10,8 @@
    and add the INT8 files to the manifest only when every gate passed; when one is missed, the files and the
    report stay for inspection but the runtime cannot pick them up.
 
-The text encoder is not quantized: T5's activations are its weak spot even in FP16 (the runtime keeps it FP32).
+Which stages are quantized is the manifest's precision policy: those that allow INT8 (every stage but the text
+encoder, whose activations are its weak spot even in FP16: it runs in FP32 everywhere, docs/architecture.md §5).
 """
 
 from __future__ import annotations
@@ -29,46 +30,44 @@ import onnx
 from calibration.capture import capture, requests
 from calibration.quantize import METHODS, qdq_problems, qdq_summary, quantize_stage
 from calibration.report import Gates, failures, stage_figures, video_figures
+from runtime.errors import UsageError
 from runtime.files import atomic_output, replace_directory
 from runtime.manifest import MANIFEST, Manifest, ModelFile, check_file, read_manifest
 from runtime.pipeline import Pipeline
 from runtime.runners import make_runner
+from walt_export.window_attention.onnx_contract import write_attention_variants
 
 log = logging.getLogger(__name__)
 
 INT8_DIR = "int8"
 REPORT = "report.json"
-NOT_QUANTIZED = ("text_encoder",)
-# (quantized canonical model, its path, precision) -> entries of it and its plugin/fallback variants beside it
-WriteVariants = Callable[[onnx.ModelProto, Path, str], list[ModelFile]]
 
 
 class CalibrationError(RuntimeError):
     """A quantized model that breaks the Q/DQ recipe (a bug, not a quality problem)."""
 
 
-def calibrate_artifacts(directory: str | Path, write_variants: WriteVariants, *, samples: int = 4,
-                        held_out: int = 2, prompts: list[str] | None = None, method: str = "percentile",
+def calibrate_artifacts(directory: str | Path, *, samples: int = 4, held_out: int = 2,
+                        prompts: list[str] | None = None, method: str = "percentile",
                         seed: int = 0, timesteps: int = 8, gates: Gates = Gates(), threads: int = 0,
                         progress: Callable[[str], None] | None = None) -> dict:
     """Calibrate and quantize every stage of the artifact in `directory`; returns the report (also written).
 
     Args:
-        write_variants: writes the plugin and fallback variants of a quantized canonical model (the exporter's
-            `write_attention_variants`; passed in so this package needs no torch).
         samples, held_out: calibration and held-out generations (prompts, classes or unconditional).
         prompts: text prompts for text artifacts (default: a built-in varied list).
         method: minmax, entropy or percentile (denoisers; the tokenizer stages use minmax).
-        timesteps: denoiser calls kept per generation and stage, spread over the schedule.
+        timesteps: calls kept per generation and denoiser, spread over the schedule.
+    Raises UsageError for settings it cannot use (before anything runs), ArtifactError for an unusable artifact.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     if method not in METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
+        raise UsageError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
     if samples < 1 or held_out < 1 or timesteps < 1:
-        raise ValueError(f"samples, held_out and timesteps must be >= 1 (got {samples}, {held_out}, {timesteps})")
+        raise UsageError(f"samples, held_out and timesteps must be >= 1 (got {samples}, {held_out}, {timesteps})")
     if prompts is not None and not prompts:
-        raise ValueError("the prompts file has no prompts (one per line)")
+        raise UsageError("the prompts file has no prompts (one per line)")
     for stage in manifest.stages.values():
         check_file(directory, stage.file("fp32"))
     say = progress or (lambda line: None)
@@ -79,20 +78,20 @@ def calibrate_artifacts(directory: str | Path, write_variants: WriteVariants, *,
     data, _ = capture(directory, calibration, timesteps, threads)
     held_data, fp32_videos = capture(directory, held, timesteps, threads)
 
-    quantized = [name for name in manifest.stages if name not in NOT_QUANTIZED]
+    quantized = [name for name, stage in manifest.stages.items() if "int8" in stage.precision.allowed]
     tmp = Path(tempfile.mkdtemp(prefix=f".{INT8_DIR}.", suffix=".tmp", dir=directory))
     try:
         stages, files = {}, {}
         for name in quantized:
             say(f"quantizing {name}")
             stages[name], files[name] = _quantize(manifest, directory, tmp, name, data[name], held_data[name],
-                                                  method, write_variants, threads)
+                                                  method, threads)
         say("running the INT8 cascade on the held-out requests")
         int8_videos = _generate(manifest, directory, tmp, quantized, held, threads)
         report = {
             "method": method, "seed": seed, "samples": samples, "held_out": held_out, "timesteps": timesteps,
             "requests": {"calibration": [asdict(r) for r in calibration], "held_out": [asdict(r) for r in held]},
-            "not_quantized": [n for n in manifest.stages if n in NOT_QUANTIZED],
+            "not_quantized": [n for n in manifest.stages if n not in quantized],
             "gates": asdict(gates), "stages": stages,
             "video": video_figures([v.frames for v in fp32_videos], int8_videos),
         }
@@ -106,7 +105,7 @@ def calibrate_artifacts(directory: str | Path, write_variants: WriteVariants, *,
 
 
 def _quantize(manifest: Manifest, directory: Path, tmp: Path, name: str, feeds, held_feeds, method: str,
-              write_variants: WriteVariants, threads: int) -> tuple[dict, list[ModelFile]]:
+              threads: int) -> tuple[dict, list[ModelFile]]:
     """Quantize one stage into `tmp`; its report entry and its files' manifest entries (paths under int8/)."""
     stage = manifest.stage(name)
     source = directory / stage.file("fp32").file
@@ -119,7 +118,7 @@ def _quantize(manifest: Manifest, directory: Path, tmp: Path, name: str, feeds, 
     entries = [f.model_copy(update={
         "file": f"{INT8_DIR}/{f.file}",
         "external_data": tuple(d.model_copy(update={"file": f"{INT8_DIR}/{d.file}"}) for d in f.external_data),
-    }) for f in write_variants(model, out, "int8")]
+    }) for f in write_attention_variants(model, out, "int8")]
     main = stage.outputs[0].name
     fp32 = _run(source, held_feeds, main, threads)
     int8 = _run(out, held_feeds, main, threads)

@@ -2,7 +2,7 @@
 
 The FP32 artifact runs in the runtime's own `Pipeline` (onnxruntime, CPU) with every runner wrapped in a
 `RecordingRunner`, so the recorded feeds are exactly the stage inputs of a real generation: CFG's 2B batch,
-self-conditioning, noise-augmented low-resolution latents. Per request and denoiser stage, the calls kept are
+self-conditioning, noise-augmented low-resolution latents. Per request and denoiser, the calls kept are
 spread evenly over the whole schedule, first (pure noise) and last step included, since early and late steps
 differ by orders of magnitude. The decoder gets the cascade's final latents (and its step model the same
 latents continuing from the decoder's causal state); the encoder gets real video (`real_video`).
@@ -78,15 +78,15 @@ def requests(manifest: Manifest, count: int, seed: int, prompts: list[str] | Non
     The i-th request takes prompt (or class) `offset + i`, so `offset` keeps held-out requests apart from the
     calibration ones.
     """
-    inputs = {t.name for t in manifest.stage("base").inputs}
+    base = manifest.stage("base").denoiser
     out = []
     for i in range(offset, offset + count):
         prompt = class_id = None
-        if "text" in inputs:
+        if base.conditioning == "text":
             pool = prompts or list(DEFAULT_PROMPTS)
             prompt = pool[i % len(pool)]
-        elif "class_labels" in inputs:
-            class_id = (i * 7919) % manifest.config["base"]["num_classes"]  # spread over the classes
+        elif base.conditioning == "class":
+            class_id = (i * 7919) % base.num_classes  # spread over the classes
         out.append(Request(prompt, class_id, seed + i))
     return out
 
@@ -101,7 +101,7 @@ def capture(directory: str | Path, reqs: list[Request], timesteps: int = 8, thre
     """Run the FP32 cascade for each request; returns (stage -> recorded feeds, the FP32 videos).
 
     Args:
-        timesteps: denoiser calls kept per request and stage, spread over the schedule.
+        timesteps: calls kept per request and denoiser, spread over the schedule.
         progress: called with a line after each request.
     """
     directory = Path(directory)
@@ -117,7 +117,7 @@ def capture(directory: str | Path, reqs: list[Request], timesteps: int = 8, thre
     with Pipeline(manifest, runner_for, directory) as pipeline:
         for request in reqs:
             videos.append(pipeline.generate(request.prompt, class_id=request.class_id, seed=request.seed))
-            for name in pipeline.stages:
+            for name in pipeline.denoisers:
                 steps = [feeds for feeds, _ in calls[name]]
                 data[name] += [steps[i] for i in spread(len(steps), timesteps)]
             (latent, decoded), = [(f["latent"], out) for f, out in calls["tokenizer_decoder"]]

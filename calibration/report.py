@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from runtime.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Gates:
@@ -26,17 +28,17 @@ class Gates:
 
     @classmethod
     def parse(cls, overrides: list[str]) -> Gates:
-        """Gates from 'name=value' strings, e.g. ['min_cosine=0.999']; a clear error for unknown names."""
+        """Gates from 'name=value' strings, e.g. ['min_cosine=0.999']; UsageError for unknown names and values."""
         names = {f.name for f in fields(cls)}
         values = {}
         for item in overrides:
             name, sep, value = item.partition("=")
             if not sep or name.strip() not in names:
-                raise ValueError(f"bad gate {item!r}: expected name=value with name one of {', '.join(sorted(names))}")
+                raise UsageError(f"bad gate {item!r}: expected name=value with name one of {', '.join(sorted(names))}")
             try:
                 values[name.strip()] = float(value)
             except ValueError:
-                raise ValueError(f"bad gate {item!r}: {value!r} is not a number") from None
+                raise UsageError(f"bad gate {item!r}: {value!r} is not a number") from None
         return cls(**values)
 
 
@@ -61,16 +63,16 @@ def flicker(frames: np.ndarray) -> float:
 
 def stage_figures(fp32_outputs: list[np.ndarray], int8_outputs: list[np.ndarray]) -> dict:
     """Worst and mean cosine and PSNR over held-out samples."""
-    cosines = [cosine(a, b) for a, b in zip(fp32_outputs, int8_outputs)]
-    psnrs = [psnr(a, b) for a, b in zip(fp32_outputs, int8_outputs)]
+    cosines = [cosine(a, b) for a, b in zip(fp32_outputs, int8_outputs, strict=True)]
+    psnrs = [psnr(a, b) for a, b in zip(fp32_outputs, int8_outputs, strict=True)]
     return {"samples": len(cosines), "cosine_min": min(cosines), "cosine_mean": float(np.mean(cosines)),
             "psnr_db_min": min(psnrs), "psnr_db_mean": float(np.mean(psnrs))}
 
 
 def video_figures(fp32_videos: list[np.ndarray], int8_videos: list[np.ndarray]) -> dict:
     """Worst video PSNR and worst flicker ratio over held-out requests."""
-    psnrs = [psnr(a, b, peak=255.0) for a, b in zip(fp32_videos, int8_videos)]
-    ratios = [flicker(b) / max(flicker(a), 1e-12) for a, b in zip(fp32_videos, int8_videos)]
+    psnrs = [psnr(a, b, peak=255.0) for a, b in zip(fp32_videos, int8_videos, strict=True)]
+    ratios = [flicker(b) / max(flicker(a), 1e-12) for a, b in zip(fp32_videos, int8_videos, strict=True)]
     return {"videos": len(psnrs), "psnr_db_min": min(psnrs), "psnr_db_mean": float(np.mean(psnrs)),
             "flicker_ratio_max": max(ratios), "flicker_ratio_mean": float(np.mean(ratios))}
 

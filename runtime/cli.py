@@ -11,15 +11,18 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from typing import get_args
 
-from runtime.manifest import ArtifactError, Precision
+from runtime.errors import WaltExportError
+from runtime.manifest import Precision
 from runtime.runners import BACKENDS
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime", description="Run a W.A.L.T artifact.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what the runtime does, and show the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -39,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="the .mp4 to write")
     gen.add_argument("--png-dir", help="also write the frames as PNG files into this directory")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, help="DDIM steps of every stage (default: the manifest's, 50)")
+    gen.add_argument("--steps", type=int, help="DDIM steps of every denoiser (default: the manifest's, 50)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the manifest's)")
     gen.add_argument("--frames", type=int, help="video length: one clip (default) or longer, e.g. 29 for 17-frame clips")
     gen.add_argument("--image", help="an image to start the video from (image-to-video)")
@@ -53,15 +56,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class ProgressBar:
-    """`stage [#####.....] 12/50` on stderr, one line per stage."""
+    """`base  [#####.....] 12/50` on stderr, one line per denoiser."""
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
 
-    def __call__(self, stage: str, step: int, steps: int) -> None:
+    def __call__(self, denoiser: str, step: int, steps: int) -> None:
         done = int(20 * step / steps)
         end = "\n" if step == steps else ""
-        print(f"\r{self.prefix}{stage:<5} [{'#' * done}{'.' * (20 - done)}] {step}/{steps}", end=end, file=sys.stderr,
+        print(f"\r{self.prefix}{denoiser:<5} [{'#' * done}{'.' * (20 - done)}] {step}/{steps}", end=end, file=sys.stderr,
               flush=True)
 
 
@@ -69,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from runtime.pipeline import Pipeline
-    from runtime.render import JobsError, read_jobs, render
-    from runtime.tensorrt_runner import CudaError
+    from runtime.render import read_jobs, render
 
     try:
         with Pipeline.from_artifacts(args.artifacts, args.backend, args.device, args.precision, args.threads) as pipe:
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs = read_jobs(args.jobs, pipe)
             progress = None if args.quiet else (lambda number, job: ProgressBar(f"line {number} "))
             results = render(pipe, jobs, args.out_dir, progress)
-    except (ArtifactError, JobsError, ValueError, FileNotFoundError, ImportError, CudaError) as e:
+    except WaltExportError as e:  # a user mistake: one line (anything else is a bug and keeps its traceback)
+        if args.verbose:
+            traceback.print_exc()
         print(f"python -m runtime: error: {e}", file=sys.stderr)
         return 1
     counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}

@@ -1,25 +1,51 @@
-"""Versioned JSON documents (the artifact manifest, checkpoint configs): read, and check format and version."""
+"""Versioned JSON documents (the artifact manifest, the engine registry, checkpoint configs): read, and check
+format and version."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+Document = TypeVar("Document", bound=BaseModel)
 
 
-def read_document(path: Path, fmt: str, version: int, error: type[Exception], redo: str) -> dict:
+def read_document(path: Path, fmt: str, version: int, error: type[Exception],
+                  redo: str | Callable[[dict], str]) -> dict:
     """The JSON object in `path` after checking its "format" and "format_version".
 
-    Raises `error` with a message that ends in `redo` (what to run instead) when the file is not valid JSON,
-    is another kind of document, or has another format version.
+    Raises `error` with a message that ends in `redo` (what to run instead; a function of the document where the
+    command depends on it) when the file is not valid JSON, is another kind of document, or has another format
+    version.
     """
+    def instead(document: object) -> str:
+        if isinstance(redo, str):
+            return redo
+        return redo(document if isinstance(document, dict) else {})
+
     try:
         document = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path} is not readable JSON ({e}); {redo}") from None
+        raise error(f"{path} is not readable JSON ({e}); {instead(None)}") from None
     if not isinstance(document, dict) or document.get("format") != fmt:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
-        raise error(f"{path} is not a {fmt} document (format {found!r}); {redo}")
+        raise error(f"{path} is not a {fmt} document (format {found!r}); {instead(document)}")
     if document.get("format_version") != version:
         raise error(f"{path} has format version {document.get('format_version')}, this version of walt-export "
-                    f"reads version {version}; {redo}")
+                    f"reads version {version}; {instead(document)}")
     return document
+
+
+def read_model(path: Path, schema: type[Document], fmt: str, version: int, error: type[Exception],
+               redo: str | Callable[[dict], str]) -> Document:
+    """`read_document`, then validated as `schema`; `error` naming the first problems when it does not match."""
+    document = read_document(path, fmt, version, error, redo)
+    try:
+        return schema.model_validate(document)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
+        instead = redo if isinstance(redo, str) else redo(document)
+        raise error(f"{path} does not match the {fmt} schema: {problems}; {instead}") from None

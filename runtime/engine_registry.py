@@ -4,47 +4,59 @@
 
 `walt-export engines` writes the plans and the registry; the runtime reads them. Both go through this module, which
 lives in `runtime/` because the runtime is the consumer of plans (and `runtime` never imports `walt_export`).
-A plan runs only with the TensorRT build and the GPU it was built for: `check_plan` refuses any other and names
-the command that rebuilds it. TensorRT is passed in as a module (`import_tensorrt`), never imported at import time.
+A plan's precision is its stage's precision policy applied to the requested one (`--precision fp16` gives
+`base.fp16.plan` but `text_encoder.fp32.plan`, docs/architecture.md §5). A plan runs only with the TensorRT build
+and the GPU it was built for: `check_plan` refuses any other and names the command that rebuilds it. TensorRT is
+passed in as a module (`import_tensorrt`), never imported at import time.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import json
 import logging
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict
+
+from runtime.documents import read_model
+from runtime.errors import MissingDependencyError, UsageError
 from runtime.files import atomic_output
-from runtime.manifest import ArtifactError, sha256_of
+from runtime.manifest import ArtifactError, Precision, sha256_of
 
 log = logging.getLogger(__name__)
 
 TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")  # in order of preference
 ENGINES = "engines"  # the artifact's subdirectory of per-target engine directories
-PRECISIONS = ("fp16", "int8")  # what `walt-export engines --precision` builds
+ENGINE_PRECISIONS = ("fp16", "int8")  # what `walt-export engines --precision` builds
+Attention = Literal["fallback", "plugin"]  # which denoiser variant is compiled: inlined body, or the wattn plugin
 BUILD_JSON = "build.json"
+REGISTRY_FORMAT = "walt-export-engines"
+REGISTRY_VERSION = 1
 
 
 def import_tensorrt(name: str | None = None) -> ModuleType:
-    """`tensorrt`, else `tensorrt_rtx` (or the one named); ImportError saying how to install one."""
+    """`tensorrt`, else `tensorrt_rtx` (or the one named); MissingDependencyError saying how to install one."""
     for module in (name,) if name else TENSORRT_MODULES:
         try:
             return importlib.import_module(module)
         except ImportError:
             continue
-    raise ImportError(f"no TensorRT found (tried {', '.join((name,) if name else TENSORRT_MODULES)}): install "
-                      "TensorRT on a GPU machine, or `pip install tensorrt-rtx` to build engines on a CPU")
+    tried = ", ".join((name,) if name else TENSORRT_MODULES)
+    raise MissingDependencyError(f"no TensorRT found (tried {tried}): install TensorRT on a GPU machine, or "
+                                 "`pip install 'walt-export[trt-rtx]'` to build engines on a CPU")
 
 
-@dataclass(frozen=True)
-class Target:
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Target(_Schema):
     """What a plan is tied to: the TensorRT build and the device."""
 
     tensorrt: str  # module name: tensorrt or tensorrt_rtx
@@ -60,6 +72,47 @@ class Target:
         return f"{device}{sm}-{flavour}{self.version}"
 
 
+class EngineKey(_Schema):
+    """Everything a plan depends on: a plan is reused only while all of it is unchanged."""
+
+    stage: str
+    precision: Precision  # of the plan: the stage's policy applied to the requested precision
+    source_file: str  # the ONNX file it was built from, relative to the artifact
+    source_sha256: str
+    attention: Attention | None  # denoisers: the variant compiled; None for stages without window attention
+    profile: dict[str, tuple[int, int, int]]  # dynamic dim -> (min, opt, max)
+    plugin_version: str
+    target: Target
+
+
+class EngineEntry(EngineKey):
+    """One plan of an engine directory, as `build.json` records it."""
+
+    plan: str  # file name beside build.json
+    plan_sha256: str
+    build_seconds: float
+
+
+class Registry(_Schema):
+    """`build.json`: every plan of one engine directory, keyed by plan file name."""
+
+    format: Literal["walt-export-engines"] = REGISTRY_FORMAT
+    format_version: Literal[1] = REGISTRY_VERSION
+    engines: dict[str, EngineEntry] = {}
+
+
+def plan_name(stage: str, precision: Precision) -> str:
+    """The file name of a stage's plan of one precision: `<stage>.<precision>.plan`."""
+    return f"{stage}.{precision}.plan"
+
+
+def check_engine_precision(precision: str) -> None:
+    """UsageError unless `precision` is one `walt-export engines --precision` builds."""
+    if precision not in ENGINE_PRECISIONS:
+        raise UsageError(f"TensorRT plans are built for {' or '.join(ENGINE_PRECISIONS)} (`walt-export engines "
+                         f"--precision`), not {precision!r}")
+
+
 @functools.cache  # one nvidia-smi run per process, not one per stage
 def detect_target(trt: ModuleType) -> Target:
     """The first GPU from nvidia-smi; without one only TensorRT-RTX can build (ahead of time, for RTX GPUs)."""
@@ -70,28 +123,28 @@ def detect_target(trt: ModuleType) -> Target:
         if query.returncode == 0 and query.stdout.strip():
             gpu = [part.strip() for part in query.stdout.splitlines()[0].split(",")]
     if gpu is not None:
-        return Target(trt.__name__, trt.__version__, gpu[0], gpu[1])
+        return Target(tensorrt=trt.__name__, version=trt.__version__, device=gpu[0], compute_capability=gpu[1])
     if trt.__name__ == "tensorrt_rtx":
-        return Target(trt.__name__, trt.__version__, "cpu-aot", None)
+        return Target(tensorrt=trt.__name__, version=trt.__version__, device="cpu-aot", compute_capability=None)
     raise ArtifactError("no GPU found (nvidia-smi): full TensorRT builds engines on the GPU that will run them")
 
 
-def find_plan(artifact_dir: str | Path, stage_name: str, precision: str, trt: ModuleType) -> Path:
+def find_plan(artifact_dir: str | Path, stage: str, precision: Precision, trt: ModuleType,
+              requested: Precision | None = None) -> Path:
     """`ARTIFACT/engines/<this machine's target>/<stage>.<precision>.plan`, checked by `check_plan`.
 
+    Args:
+        precision: the plan's precision (the stage's policy applied to the requested one).
+        requested: the precision asked for, named in the command that builds missing plans (default `precision`).
     Raises ArtifactError naming the `walt-export engines` command that builds the plan when it is missing, and
-    which targets the artifact has engines for when they are another machine's; ValueError for a precision that
-    `walt-export engines` does not build.
+    which targets the artifact has engines for when they are another machine's.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"TensorRT plans are {' or '.join(PRECISIONS)} (`walt-export engines --precision`), "
-                         f"not {precision!r}")
     artifact_dir = Path(artifact_dir)
     target = detect_target(trt)
     engines = artifact_dir / ENGINES
     out = engines / target.directory_name
-    plan = out / f"{stage_name}.{precision}.plan"
-    build = f"`walt-export engines --artifacts {artifact_dir} --precision {precision}`"
+    plan = out / plan_name(stage, precision)
+    build = f"`walt-export engines --artifacts {artifact_dir} --precision {requested or precision}`"
     if not out.is_dir():
         others = sorted(p.name for p in engines.iterdir() if p.is_dir()) if engines.is_dir() else []
         where = f"engines exist only for {', '.join(others)}" if others else "it has no engines"
@@ -105,37 +158,41 @@ def find_plan(artifact_dir: str | Path, stage_name: str, precision: str, trt: Mo
     return plan
 
 
-def check_plan(plan: str | Path, trt: ModuleType, target: Target | None = None) -> dict:
-    """The registry entry of a plan, after checking that it was built for this TensorRT and device."""
+def check_plan(plan: str | Path, trt: ModuleType, target: Target | None = None) -> EngineEntry:
+    """The registry entry of a plan, after checking that it was built for this TensorRT and device.
+
+    Raises ArtifactError naming the rebuild command when it is unregistered, another target's, or modified.
+    """
     plan = Path(plan)
-    entry = next((e for e in read_registry(plan.parent).values() if e.get("plan") == plan.name), None)
+    rebuild = f"`walt-export engines --artifacts {plan.parent.parent.parent}"
+    entry = read_registry(plan.parent).engines.get(plan.name)
     if entry is None or not plan.is_file():
-        raise ArtifactError(f"{plan} is not a registered engine; build it with `walt-export engines --artifacts DIR`")
+        raise ArtifactError(f"{plan} is not a registered engine; build it with {rebuild}`")
     target = target or detect_target(trt)
-    built_for = Target(entry["tensorrt"], entry["version"], entry["device"], entry["compute_capability"])
-    if built_for != target:
-        raise ArtifactError(f"{plan.name} was built for {built_for.directory_name}, this machine is "
-                            f"{target.directory_name}; rebuild with `walt-export engines --artifacts DIR "
-                            f"--precision {entry['precision']}`")
-    if sha256_of(plan) != entry["plan_sha256"]:
-        raise ArtifactError(f"{plan} does not match its build.json (modified or truncated); rebuild it with "
-                            f"`walt-export engines --artifacts DIR --precision {entry['precision']}`")
+    rebuild += f" --precision {entry.precision if entry.precision in ENGINE_PRECISIONS else 'fp16'}`"
+    if entry.target != target:
+        raise ArtifactError(f"{plan.name} was built for {entry.target.directory_name}, this machine is "
+                            f"{target.directory_name}; rebuild with {rebuild}")
+    if sha256_of(plan) != entry.plan_sha256:
+        raise ArtifactError(f"{plan} does not match its build.json (modified or truncated); rebuild it with {rebuild}")
     return entry
 
 
-def read_registry(out: Path) -> dict:
-    """stage -> registry entry of an engine directory's build.json; {} when it is absent or unreadable."""
+def read_registry(out: Path) -> Registry:
+    """The `build.json` of an engine directory; an empty registry when there is none yet.
+
+    Raises ArtifactError naming the file and the command that rebuilds it when it is unreadable, of another
+    format version, or does not match the schema.
+    """
     path = out / BUILD_JSON
     if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())["engines"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        log.warning("%s is unreadable: every engine will be rebuilt", path)
-        return {}
+        return Registry()
+    redo = (f"delete it and rebuild the engines with `walt-export engines --artifacts {out.parent.parent} "
+            "--precision fp16|int8`")
+    return read_model(path, Registry, REGISTRY_FORMAT, REGISTRY_VERSION, ArtifactError, redo)
 
 
-def write_registry(out: Path, engines: dict) -> None:
+def write_registry(out: Path, registry: Registry) -> None:
     """Write an engine directory's build.json (atomically)."""
     with atomic_output(out / BUILD_JSON) as tmp:
-        tmp.write_text(json.dumps({"engines": engines}, indent=2) + "\n")
+        tmp.write_text(registry.model_dump_json(indent=2) + "\n")

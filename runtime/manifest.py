@@ -1,23 +1,30 @@
-"""The artifact directory's `manifest.json`: its pydantic schema, reading with checks, and shape helpers.
+"""The artifact directory's `manifest.json`: the typed contract between the exporter and the runtime.
 
-The runtime reads everything from here (names, dtypes, shapes, latent statistics, the schedule) and never guesses;
-the exporter writes the manifest through the same models. An artifact is refused, with a message saying what to
-run instead, when its format version is not this one or a file's sha256 does not match.
+The exporter writes it through these pydantic models; the runtime and calibration read only its typed fields (names,
+dtypes and shapes of every stage, files, the precision policy, what each denoiser samples, the latent geometry and
+statistics, the schedule) and never guess (docs/architecture.md §2). `Manifest.config` is the exporter's own record
+of the full config, read only by `walt_export` (to rebuild the PyTorch reference). An artifact is refused, with a
+message saying what to run instead, when its format version is not this one or a file's sha256 does not match.
+
+Version 2 (this one) added the typed per-stage fields (`StageInfo.precision`, `StageInfo.denoiser`), the tokenizer's
+factors (`LatentInfo`), a typed schedule and source; a version-1 artifact is refused with its re-export command.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from runtime.documents import read_document
+from runtime.documents import read_model
+from runtime.errors import WaltExportError
 
 FORMAT = "walt-export-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 Precision = Literal["fp32", "fp16", "int8"]
@@ -25,7 +32,7 @@ Variant = Literal["canonical", "plugin", "fallback"]
 _DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_]\w*)(?:\s*([+-])\s*(\d+))?$")  # 'name', '4*name', '4*name - 3'
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(WaltExportError, RuntimeError):
     """An artifact directory that cannot be used; the message says what is wrong and what to do."""
 
 
@@ -56,19 +63,54 @@ class ModelFile(_Schema):
     window_attention_nodes: int = 0
 
 
+class PrecisionPolicy(_Schema):
+    """Which precisions a stage may run in, and which runs when another is requested (docs/architecture.md §5).
+
+    Decided once, by the exporter (`walt_export.export_specs`), and read by the runtime, `walt-export engines` and
+    `walt-export calibrate`: the text encoder is allowed FP32 only, on every backend (T5 overflows in FP16, the fault
+    of diffusers#8604, and it is not quantized).
+    """
+
+    allowed: tuple[Precision, ...]  # what the stage may run in; FP16/INT8 files exist only for these
+    fallback: Precision = "fp32"  # what runs when a precision outside `allowed` is requested
+    reason: str = ""  # why a precision is not allowed (for messages and readers of the manifest)
+
+    def resolve(self, requested: Precision) -> Precision:
+        """The precision this stage runs in when `requested` is asked for."""
+        return requested if requested in self.allowed else self.fallback
+
+
+class DenoiserInfo(_Schema):
+    """What the cascade needs to sample with one denoiser (base, sr1, sr2)."""
+
+    latent_channels: int  # c
+    latent_size: tuple[int, int, int]  # (t, h, w) of the latent it denoises
+    conditioning: Literal["text", "class", "none"]
+    num_classes: int | None = None  # class conditioning: ids 0 .. num_classes - 1
+    null_class: int | None = None  # the class id of the unconditional half of classifier-free guidance
+    noise_aug_level: float | None = None  # SR: the low-res latent is noised to this fraction of the schedule
+
+
 class StageInfo(_Schema):
-    """One exported model and its files."""
+    """One exported model ("stage"), its files, its precision policy and, for a denoiser, what it samples."""
 
     module: str  # the part of the PyTorch cascade it was exported from
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     profile: dict[str, tuple[int, int, int]]  # dynamic dim -> (min, opt, max) for TensorRT
     files: tuple[ModelFile, ...]
+    precision: PrecisionPolicy
+    denoiser: DenoiserInfo | None = None  # base, sr1, sr2 only
 
     @property
     def precisions(self) -> set[str]:
         """The precisions this stage has files of."""
         return {f.precision for f in self.files}
+
+    @property
+    def has_window_attention(self) -> bool:
+        """Whether its files hold `wattn` nodes (then they come in canonical, plugin and fallback variants)."""
+        return any(f.window_attention_nodes for f in self.files)
 
     def file(self, precision: Precision = "fp32", variant: Variant = "canonical") -> ModelFile:
         for f in self.files:
@@ -81,12 +123,16 @@ class StageInfo(_Schema):
 
 
 class LatentInfo(_Schema):
+    """The tokenizer's latent of one clip, and how video frames and pixels map to it."""
+
     channels: int
     frames: int
     height: int
     width: int
     mean: tuple[float, ...] | None  # per-channel normalisation of the tokenizer's latent; None = identity
     std: tuple[float, ...] | None
+    temporal_factor: int  # 1 + f (t - 1) frames <-> t latent frames (docs/model_spec.md §2)
+    spatial_factor: int  # pixels per latent pixel along H and W
 
 
 class TextInfo(_Schema):
@@ -94,19 +140,55 @@ class TextInfo(_Schema):
     tokenizer_dir: str | None  # the pretrained tokenizer copied into the artifact; None = byte tokenizer
 
 
+class ScheduleInfo(_Schema):
+    """The diffusion schedule the denoisers were trained on and the sampling defaults (docs/model_spec.md §4).
+
+    The exporter's `DiffusionConfig`, as the runtime reads it; the literals are what the runtime's sampler does.
+    """
+
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+    beta_schedule: Literal["linear"]
+    rescale_zero_terminal_snr: bool
+    prediction_type: Literal["v"]
+    timestep_spacing: Literal["trailing"]
+    num_inference_steps: int  # default DDIM steps per denoiser
+    guidance_scale: float  # default classifier-free guidance scale
+
+
+class SourceInfo(_Schema):
+    """Where the exported weights came from: a preset and seed, or a checkpoint and its sha256."""
+
+    preset: str | None = None
+    seed: int | None = None
+    checkpoint: str | None = None
+    sha256: str | None = None
+
+    def export_command(self, out: str | Path, fp16: bool = False) -> str:
+        """The `walt-export onnx` command that exports these weights into `out` again."""
+        if self.checkpoint is not None:
+            source = f"--checkpoint {self.checkpoint}"
+        elif self.preset is not None:
+            source = f"--preset {self.preset} --seed {self.seed or 0}"
+        else:
+            source = "--preset NAME"
+        return f"walt-export onnx {source} --out {out}{' --fp16' if fp16 else ''}"
+
+
 class Manifest(_Schema):
     format: Literal["walt-export-artifact"] = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     name: str  # the preset or checkpoint's cascade name
-    source: dict[str, str | int | None]  # preset + seed, or checkpoint path + sha256
-    config: dict  # the full CascadeConfig as JSON
+    source: SourceInfo
+    config: dict  # the exporter's record of the full CascadeConfig; only walt_export reads it
     frames: int
     height: int
     width: int
     fps: float
     latent: LatentInfo
     text: TextInfo | None
-    schedule: dict  # the DiffusionConfig as JSON
+    schedule: ScheduleInfo
     stages: dict[str, StageInfo]  # in pipeline order
     opset: int
     exporter: dict[str, str]  # package -> version
@@ -115,6 +197,11 @@ class Manifest(_Schema):
     def precisions(self) -> set[str]:
         """The precisions any stage has files of."""
         return set().union(*(stage.precisions for stage in self.stages.values()))
+
+    @property
+    def denoisers(self) -> dict[str, DenoiserInfo]:
+        """The denoisers (base, sr1, sr2 where present), in sampling order."""
+        return {name: stage.denoiser for name, stage in self.stages.items() if stage.denoiser is not None}
 
     def stage(self, name: str) -> StageInfo:
         if name not in self.stages:
@@ -150,18 +237,44 @@ def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 def read_manifest(directory: str | Path) -> Manifest:
-    """Parse and validate `DIR/manifest.json` (format and version checked); files are not hashed here."""
+    """Parse and validate `DIR/manifest.json` (format and version checked); files are not hashed here.
+
+    Raises ArtifactError when it is missing, unreadable, of another format version (the message gives the
+    `walt-export onnx` command that re-exports the same weights) or does not match the schema.
+    """
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory} is not an artifact directory (no {MANIFEST}); "
                             "create one with `walt-export onnx --preset NAME --out DIR`")
-    data = read_document(path, FORMAT, FORMAT_VERSION, ArtifactError,
-                         "re-export the artifact with this version of walt-export (`walt-export onnx ...`)")
+
+    def redo(document: dict) -> str:
+        return f"re-export it with this version of walt-export: `{_reexport_command(document, directory)}`"
+
+    return read_model(path, Manifest, FORMAT, FORMAT_VERSION, ArtifactError, redo)
+
+
+def read_identity(directory: str | Path) -> tuple[str, SourceInfo] | None:
+    """(name, source) of the artifact in `directory`, of any format version; None when there is no readable one.
+
+    Lets the exporter replace an artifact of an older version with the same weights.
+    """
     try:
-        return Manifest.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
-        raise ArtifactError(f"{path} does not match the manifest schema: {problems}") from None
+        document = json.loads((Path(directory) / MANIFEST).read_text())
+        return document["name"], SourceInfo.model_validate(document["source"])
+    except (OSError, ValueError, KeyError, TypeError):  # absent, not JSON, or not a manifest
+        return None
+
+
+def _reexport_command(document: dict, directory: str | Path) -> str:
+    """The `walt-export onnx` command for the weights a (possibly old) manifest document names."""
+    try:
+        source = SourceInfo.model_validate(document.get("source") or {})
+    except ValidationError:
+        source = SourceInfo()
+    stages = document.get("stages") if isinstance(document.get("stages"), dict) else {}
+    fp16 = any(isinstance(f, dict) and f.get("precision") == "fp16"
+               for stage in stages.values() if isinstance(stage, dict) for f in stage.get("files", ()))
+    return source.export_command(directory, fp16)
 
 
 def check_file(directory: str | Path, model: ModelFile) -> Path:

@@ -4,17 +4,18 @@
     video = pipeline.generate("a corgi surfing a wave", seed=0)   # video.frames (T, H, W, 3) uint8, video.fps
     video.save("corgi.mp4")
 
-Per stage (walt-spec.md §4): DDIM from pure noise over the trailing timesteps; classifier-free guidance runs the
-conditional and unconditional halves as one 2B batch; self-conditioning feeds the previous x0 estimate; SR stages
-get the previous stage's latent noise-augmented to their configured level (upsampled inside the model).
+Per denoiser (docs/model_spec.md §4): DDIM from pure noise over the trailing timesteps; classifier-free guidance
+runs the conditional and unconditional halves as one 2B batch; self-conditioning feeds the previous x0 estimate; SR
+denoisers get the previous denoiser's latent noise-augmented to their configured level (upsampled inside the model).
 
 Modes: text-to-video, class-conditional (class presets), image-to-video (the image encoded as the first latent
-frame, which conditions every stage), and long videos: after the first clip, the last 1 + 4k frames are
-re-encoded into k + 1 conditioning latent frames and the next clip continues from them; the decoder continues
-its causal state across clips.
+frame, which conditions every denoiser), and long videos: after the first clip, its last 1 + f frames (f = the
+tokenizer's temporal factor, 4: 5 frames) are re-encoded into 2 conditioning latent frames and the next clip
+continues from them (docs/model_spec.md §1); the decoder continues its causal state across clips.
 
-Decisions where the paper is silent: lower-resolution stages get frame conditioning from the full-resolution
-latent average-pooled to their size; conditioned latent frames are written back into each stage's result.
+Decisions where the paper is silent: lower-resolution denoisers get frame conditioning from the full-resolution
+latent average-pooled to their size; conditioned latent frames are written back into each denoiser's result.
+Everything about the artifact comes from the manifest's typed fields (docs/architecture.md §2).
 """
 
 from __future__ import annotations
@@ -26,25 +27,45 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.manifest import ArtifactError, Manifest, StageInfo, check_file, read_manifest
+from runtime.errors import RequestError
+from runtime.manifest import ArtifactError, DenoiserInfo, Manifest, Precision, check_file, read_manifest
 from runtime.runners import Runner, make_runner
 from runtime.scheduler import DDIMScheduler, classifier_free_guidance
 
 log = logging.getLogger(__name__)
 
-STAGES = ("base", "sr1", "sr2")
-OVERLAP_FRAMES = 5  # frames of the previous clip re-encoded to condition the next
-OVERLAP_LATENT_FRAMES = 2  # ... into these latent frames (1 + 4k frames -> k + 1 latent frames)
-Progress = Callable[[str, int, int], None]  # (stage, step done, steps)
+OVERLAP_LATENT_FRAMES = 2  # latent frames of the previous clip that condition the next (video continuation)
+Progress = Callable[[str, int, int], None]  # (denoiser, step done, steps)
+
+
+def overlap_frames(temporal_factor: int) -> int:
+    """Frames of the previous clip re-encoded into the OVERLAP_LATENT_FRAMES conditioning latent frames:
+    1 + f (t - 1) frames encode to t latent frames (causal tokenizer, docs/model_spec.md §2)."""
+    return 1 + temporal_factor * (OVERLAP_LATENT_FRAMES - 1)
+
+
+@dataclass(frozen=True)
+class DenoiserPlan:
+    """How one denoiser samples in every clip of a generation: its manifest facts and the request's settings."""
+
+    name: str
+    info: DenoiserInfo
+    steps: int  # DDIM steps
+    guidance: float  # classifier-free guidance scale (1.0: no guidance)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """(1, c, t, h, w) of the latent it samples."""
+        return (1, self.info.latent_channels, *self.info.latent_size)
 
 
 @dataclass
 class Video:
-    """Generated frames (T, H, W, 3) uint8 at `fps`, and every stage's final latents (for checks)."""
+    """Generated frames (T, H, W, 3) uint8 at `fps`, and every denoiser's final latents (for checks)."""
 
     frames: np.ndarray
     fps: float
-    latents: dict[str, list[np.ndarray]] = field(default_factory=dict)  # stage -> one latent per clip
+    latents: dict[str, list[np.ndarray]] = field(default_factory=dict)  # denoiser -> one latent per clip
 
     def save(self, path: str | Path) -> Path:
         """Write an H.264 mp4 (atomically), or PNG frames into `path` when it is a directory name without suffix."""
@@ -69,28 +90,33 @@ class Pipeline:
         self.manifest, self.directory = manifest, Path(directory) if directory else None
         self._runner_for, self._runners = runner_for, {}
         self.scheduler = DDIMScheduler.from_schedule(manifest.schedule)
-        self.stages = [name for name in STAGES if name in manifest.stages]
+        self.denoisers = list(manifest.denoisers)  # names, in sampling order
         self._text_tokenizer = None
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                       precision: str = "fp32", threads: int = 0) -> Pipeline:
+                       precision: Precision = "fp32", threads: int = 0) -> Pipeline:
         """Open an artifact directory with a backend on a device: `onnxruntime` runs its ONNX files (sha256
         checked), `tensorrt` the plans `walt-export engines --precision P` built for this machine (build.json
-        checked)."""
+        checked). Each stage runs in the precision its policy resolves `precision` to (the text encoder: FP32).
+
+        Raises ArtifactError (naming the command that makes them) when the files or plans are missing.
+        """
         directory = Path(directory)
         manifest = read_manifest(directory)
-        if backend == "tensorrt":  # every plan is <stage>.P.plan, whatever precision its source file had
-            from runtime.engine_registry import find_plan, import_tensorrt
+        if backend == "tensorrt":
+            from runtime.engine_registry import check_engine_precision, find_plan, import_tensorrt
 
+            check_engine_precision(precision)
             trt = import_tensorrt()
-            files = {name: find_plan(directory, name, precision, trt) for name in manifest.stages}
+            files = {name: find_plan(directory, name, stage.precision.resolve(precision), trt, requested=precision)
+                     for name, stage in manifest.stages.items()}
         else:
             if precision not in manifest.precisions:
                 how = {"fp16": "export it with `walt-export onnx ... --fp16`",
                        "int8": f"calibrate it with `walt-export calibrate --artifacts {directory}`"}.get(precision, "")
                 raise ArtifactError(f"{directory} has no {precision} files; {how or 'choose fp32'}")
-            files = {name: check_file(directory, stage.file(_precision_of(stage, precision)))
+            files = {name: check_file(directory, stage.file(stage.precision.resolve(precision)))
                      for name, stage in manifest.stages.items()}
 
         def runner_for(name: str) -> Runner:
@@ -117,13 +143,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------ generate
     def check_frames(self, frames: int) -> None:
-        """Lengths this artifact makes: one clip, plus any number of continuations of `new` frames each."""
+        """Lengths this artifact makes: one clip, plus any number of continuations of `new` frames each.
+
+        Raises RequestError listing the valid lengths."""
+        latent = self.manifest.latent
         one = self.manifest.frames
-        new = (self.manifest.latent.frames - OVERLAP_LATENT_FRAMES) * 4  # 4 frames per new latent frame
+        new = (latent.frames - OVERLAP_LATENT_FRAMES) * latent.temporal_factor  # frames per new latent frame
         if frames == one or (new > 0 and frames > one and (frames - one) % new == 0):
             return
         more = f", {one + new}, {one + 2 * new}, ... ({one} + {new}k)" if new > 0 else " only"
-        raise ValueError(f"frames={frames} is not a length this artifact makes: {one}{more}")
+        raise RequestError(f"frames={frames} is not a length this artifact makes: {one}{more}")
 
     def generate(self, prompt: str | None = None, *, class_id: int | None = None, seed: int = 0,
                  steps: int | Mapping[str, int] | None = None, guidance: float | Mapping[str, float] | None = None,
@@ -134,24 +163,35 @@ class Pipeline:
         Args:
             prompt: the text (text presets); class_id: the class (class presets).
             seed: seeds every noise draw.
-            steps, guidance: for every stage, or per stage ({"base": 50, "sr1": 20}); default: the manifest's.
+            steps, guidance: for every denoiser, or per denoiser ({"base": 50, "sr1": 20}); default: the
+                manifest's schedule.
             frames: the video length (see `check_frames`); default: one clip.
             image: (H, W, 3) uint8 at the artifact's size, the first frame (image-to-video).
-            progress: called with (stage, step, steps) after every denoising step.
+            progress: called with (denoiser, step, steps) after every denoising step.
+        Raises RequestError when the request does not fit the artifact (checked before any model runs).
         """
         m = self.manifest
         frames = frames or m.frames
         self.check_frames(frames)
+        first_frame = None if image is None else _image_to_video(image, m)  # (1, 3, 1, H, W), checked
         conditioning = self._conditioning(prompt, class_id)
+        plans = [DenoiserPlan(name, info, _per_denoiser(steps, name, m.schedule.num_inference_steps),
+                              _per_denoiser(guidance, name, m.schedule.guidance_scale))
+                 for name, info in m.denoisers.items()]
+        for plan in plans:
+            if not 1 <= plan.steps <= m.schedule.num_train_timesteps:
+                raise RequestError(f"steps={plan.steps} for {plan.name} is not in [1, "
+                                   f"{m.schedule.num_train_timesteps}] (the training schedule's length)")
         rng = np.random.default_rng(seed)
-        latents: dict[str, list[np.ndarray]] = {name: [] for name in self.stages}
-        cond_latent = None if image is None else self._encode(_image_to_video(image, m))  # (1, c, 1, h, w)
+        latents: dict[str, list[np.ndarray]] = {name: [] for name in self.denoisers}
+        cond_latent = None if first_frame is None else self._encode(first_frame)  # (1, c, 1, h, w)
+        overlap = overlap_frames(m.latent.temporal_factor)
         video, state = [], None
         while True:
-            clip = self._sample_clip(conditioning, rng, steps, guidance, cond_latent, progress)
+            clip = self._sample_clip(plans, conditioning, rng, cond_latent, progress)
             for name, latent in clip.items():
                 latents[name].append(latent)
-            final = clip[self.stages[-1]]
+            final = clip[self.denoisers[-1]]
             if state is None:
                 out = self.runner("tokenizer_decoder").infer({"latent": final})
                 video.append(out["video"])
@@ -162,24 +202,23 @@ class Pipeline:
             state = {k.replace("next_", "", 1): v for k, v in out.items() if k.startswith("next_state")}
             if sum(v.shape[2] for v in video) >= frames:
                 break
-            cond_latent = self._encode(np.concatenate(video, axis=2)[:, :, -OVERLAP_FRAMES:])  # (1, c, 2, h, w)
+            cond_latent = self._encode(np.concatenate(video, axis=2)[:, :, -overlap:])  # (1, c, 2, h, w)
         pixels = np.concatenate(video, axis=2)[0]  # (3, T, H, W) in [-1, 1]
         uint8 = np.clip(np.round((pixels.transpose(1, 2, 3, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
         return Video(uint8, m.fps, latents)
 
-    def check_conditioning(self, prompt: str | None, class_id: int | None) -> str | None:
-        """'text', 'class' or None (unconditional), after checking the request fits this artifact."""
-        names = {t.name for t in self.manifest.stage("base").inputs}
-        if "text" in names:
+    def check_conditioning(self, prompt: str | None, class_id: int | None) -> str:
+        """'text', 'class' or 'none' (the base denoiser's conditioning), after checking the request fits it.
+
+        Raises RequestError saying what this artifact takes."""
+        base = self.manifest.stage("base").denoiser
+        if base.conditioning == "text":
             if prompt is None or class_id is not None:
-                raise ValueError("this artifact is text-to-video: pass a prompt (and no class id)")
-            return "text"
-        if "class_labels" in names:
-            num_classes = self.manifest.config["base"]["num_classes"]
-            if class_id is None or prompt is not None or not 0 <= class_id < num_classes:
-                raise ValueError(f"this artifact is class-conditional: pass a class id in [0, {num_classes})")
-            return "class"
-        return None
+                raise RequestError("this artifact is text-to-video: pass a prompt (and no class id)")
+        elif base.conditioning == "class":
+            if class_id is None or prompt is not None or not 0 <= class_id < base.num_classes:
+                raise RequestError(f"this artifact is class-conditional: pass a class id in [0, {base.num_classes})")
+        return base.conditioning
 
     def _conditioning(self, prompt: str | None, class_id: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per conditioning input: (conditional, unconditional) arrays of batch 1."""
@@ -189,7 +228,7 @@ class Pipeline:
             states = self.runner("text_encoder").infer({"input_ids": ids, "attention_mask": mask})["text_states"]
             return {"text": (states[:1], states[1:]), "text_mask": (mask[:1], mask[1:])}
         if kind == "class":
-            null = self.manifest.config["base"]["num_classes"]
+            null = self.manifest.stage("base").denoiser.null_class
             return {"class_labels": (np.array([class_id], np.int64), np.array([null], np.int64))}
         return {}
 
@@ -206,72 +245,66 @@ class Pipeline:
     def _encode(self, video: np.ndarray) -> np.ndarray:
         return self.runner("tokenizer_encoder").infer({"video": video.astype(np.float32)})["latent"]
 
-    def _sample_clip(self, conditioning, rng, steps, guidance, cond_latent, progress) -> dict[str, np.ndarray]:
-        """Every stage's final latent (1, c, T, h, w) for one clip, conditioned on the first latent frames if given."""
+    def _sample_clip(self, plans: list[DenoiserPlan], conditioning: dict[str, tuple[np.ndarray, np.ndarray]],
+                     rng: np.random.Generator, cond_latent: np.ndarray | None,
+                     progress: Progress | None) -> dict[str, np.ndarray]:
+        """Every denoiser's final latent (1, c, t, h, w) for one clip, conditioned on the first latent frames
+        `cond_latent` (1, c, k, H, W) if given."""
         results, previous = {}, None
-        for name in self.stages:
-            stage_cfg = self.manifest.config[name]
-            c, (t, h, w) = stage_cfg["latent_channels"], stage_cfg["latent_size"]
-            frame_cond = np.zeros((1, c, t, h, w), np.float32)
+        num_train = self.scheduler.num_train_timesteps
+        for plan in plans:
+            _, c, t, h, w = plan.shape
+            frame_cond = np.zeros(plan.shape, np.float32)
             frame_mask = np.zeros((1, t), np.float32)
             if cond_latent is not None:
                 k = cond_latent.shape[2]
                 frame_cond[:, :, :k] = _pool_to(cond_latent, (h, w))
                 frame_mask[:, :k] = 1.0
-            extra = {}
-            if previous is not None:
-                level = stage_cfg["noise_aug_level"] * self.scheduler.num_train_timesteps
-                t_aug = int(round(level))
+            fixed = {"frame_cond": frame_cond, "frame_mask": frame_mask}
+            if previous is not None:  # an SR denoiser: the previous latent, noise-augmented (docs/model_spec.md §3)
+                level = plan.info.noise_aug_level * num_train
                 noise = rng.standard_normal(previous.shape).astype(np.float32)
-                extra = {"lowres": self.scheduler.add_noise(previous, noise, min(t_aug, self.scheduler.num_train_timesteps - 1)),
-                         "lowres_timestep": np.array([level], np.float32)}
-            latent = self._denoise(name, (1, c, t, h, w), conditioning, frame_cond, frame_mask, extra, rng,
-                                   _per_stage(steps, name, self.manifest.schedule["num_inference_steps"]),
-                                   _per_stage(guidance, name, self.manifest.schedule["guidance_scale"]), progress)
+                fixed |= {"lowres": self.scheduler.add_noise(previous, noise, min(int(round(level)), num_train - 1)),
+                          "lowres_timestep": np.array([level], np.float32)}
+            latent = self._denoise(plan, conditioning, fixed, rng, progress)
             if cond_latent is not None:
                 latent[:, :, :cond_latent.shape[2]] = frame_cond[:, :, :cond_latent.shape[2]]
-            results[name] = previous = latent
+            results[plan.name] = previous = latent
         return results
 
-    def _denoise(self, name, shape, conditioning, frame_cond, frame_mask, extra, rng, steps, guidance, progress):
-        runner, scheduler = self.runner(name), self.scheduler
-        scheduler.set_timesteps(steps)
-        guided = guidance != 1.0 and bool(conditioning)
-        fixed = {"frame_cond": frame_cond, "frame_mask": frame_mask, **extra}
-        fixed |= {k: cond for k, (cond, _) in conditioning.items()}
+    def _denoise(self, plan: DenoiserPlan, conditioning: dict[str, tuple[np.ndarray, np.ndarray]],
+                 fixed: dict[str, np.ndarray], rng: np.random.Generator, progress: Progress | None) -> np.ndarray:
+        """DDIM from pure noise with one denoiser; `fixed` are its feeds that stay the same every step."""
+        runner, scheduler = self.runner(plan.name), self.scheduler
+        scheduler.set_timesteps(plan.steps)
+        guided = plan.guidance != 1.0 and bool(conditioning)
+        fixed = fixed | {k: cond for k, (cond, _) in conditioning.items()}
         if guided:  # one 2B call: conditional half first
             fixed = {k: np.concatenate([v, v]) for k, v in fixed.items()}
             fixed |= {k: np.concatenate([cond, uncond]) for k, (cond, uncond) in conditioning.items()}
         for array in fixed.values():  # the same every step: a TensorRT runner keeps frozen feeds on the GPU
             array.flags.writeable = False
         batch = 2 if guided else 1
-        x = rng.standard_normal(shape).astype(np.float32)
+        x = rng.standard_normal(plan.shape).astype(np.float32)
         x0 = np.zeros_like(x)
         for i, t in enumerate(scheduler.timesteps):
             feeds = {"latent": np.concatenate([x] * batch), "self_cond": np.concatenate([x0] * batch),
                      "timestep": np.full((batch,), t, np.float32), **fixed}
             v = runner.infer(feeds)["v"]
             if guided:
-                v = classifier_free_guidance(v[:1], v[1:], guidance)
+                v = classifier_free_guidance(v[:1], v[1:], plan.guidance)
             x, x0 = scheduler.step(v, int(t), x)
             if progress is not None:
-                progress(name, i + 1, steps)
+                progress(plan.name, i + 1, plan.steps)
         return x
 
 
-def _precision_of(stage: StageInfo, precision: str) -> str:
-    """The requested precision where the stage has it, else FP32; the text encoder stays FP32 (T5 overflows in
-    FP16 and is not quantized)."""
-    if stage.module == "text_encoder" or precision not in stage.precisions:
-        return "fp32"
-    return precision
-
-
-def _per_stage(value, stage: str, default):
+def _per_denoiser(value, name: str, default):
+    """A setting given for every denoiser, per denoiser ({"base": 50}), or not at all (the manifest's default)."""
     if value is None:
         return default
     if isinstance(value, Mapping):
-        return value.get(stage, default)
+        return value.get(name, default)
     return value
 
 
@@ -286,6 +319,6 @@ def _image_to_video(image: np.ndarray, manifest: Manifest) -> np.ndarray:
     """(H, W, 3) uint8 -> (1, 3, 1, H, W) in [-1, 1], checked against the artifact's size."""
     image = np.asarray(image)
     if image.shape != (manifest.height, manifest.width, 3) or image.dtype != np.uint8:
-        raise ValueError(f"the image must be ({manifest.height}, {manifest.width}, 3) uint8, got "
+        raise RequestError(f"the image must be ({manifest.height}, {manifest.width}, 3) uint8, got "
                          f"{image.shape} {image.dtype}; `runtime.video.read_image(path, size)` resizes one")
     return (image.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None, :, None]

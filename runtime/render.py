@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from runtime.errors import RequestError, WaltExportError
 from runtime.pipeline import Pipeline, Progress
 from runtime.video import read_image
 
@@ -46,7 +47,7 @@ class Job(BaseModel):
         return value
 
 
-class JobsError(ValueError):
+class JobsError(WaltExportError, ValueError):
     """A jobs file with bad lines; the message lists each with its line number."""
 
 
@@ -67,7 +68,7 @@ def read_jobs(path: str | Path, pipeline: Pipeline) -> list[tuple[int, Job]]:
             problems.append(f"line {number}: " + "; ".join(
                 f"{'.'.join(map(str, err['loc']))}: {err['msg']}" if err["loc"] else err["msg"] for err in e.errors()))
             continue
-        except ValueError as e:
+        except RequestError as e:
             problems.append(f"line {number}: {e}")
             continue
         if job.output in outputs:
@@ -87,7 +88,7 @@ def _check_job(job: Job, pipeline: Pipeline) -> None:
     if job.frames is not None:
         pipeline.check_frames(job.frames)
     if job.image is not None and not Path(job.image).is_file():
-        raise ValueError(f"image {job.image} does not exist")
+        raise RequestError(f"image {job.image} does not exist")
 
 
 def render(pipeline: Pipeline, jobs: list[tuple[int, Job]], out_dir: str | Path,

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from runtime.errors import UsageError, import_optional
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,7 @@ class OnnxRuntimeRunner:
         self.session = None
 
     def __enter__(self) -> OnnxRuntimeRunner:
-        import onnxruntime as ort
+        ort = import_optional("onnxruntime", "pip install 'walt-export[cpu]' (or [gpu] for onnxruntime-gpu)")
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
@@ -71,7 +73,7 @@ class OnnxRuntimeRunner:
         if missing:
             raise ValueError(f"{self.path.name} needs the inputs {missing}; got {sorted(feeds)}")
         outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
-        return dict(zip(self.output_names, outputs))
+        return dict(zip(self.output_names, outputs, strict=True))
 
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -88,10 +90,10 @@ def make_runner(backend: str, path: str | Path, device: str = "cpu", threads: in
     and `threads` do not apply."""
     if backend == "onnxruntime":
         if device not in _PROVIDERS:
-            raise ValueError(f"unknown device {device!r} for onnxruntime; devices: {', '.join(_PROVIDERS)}")
+            raise UsageError(f"unknown device {device!r} for onnxruntime; devices: {', '.join(_PROVIDERS)}")
         return OnnxRuntimeRunner(path, _PROVIDERS[device], threads)
     if backend == "tensorrt":
         from runtime.tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner(path)
-    raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    raise UsageError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")

@@ -1,4 +1,4 @@
-"""DDIM (eta = 0) for v-prediction on a zero-terminal-SNR schedule, in numpy (walt-spec.md §4).
+"""DDIM (eta = 0) for v-prediction on a zero-terminal-SNR schedule, in numpy (docs/model_spec.md §4).
 
 Pure maths, no model: `set_timesteps(n)`, `.timesteps`, `step(model_output, t, sample)` (diffusers' interface).
 The schedule is float64 and cast to the sample's dtype at use (DiT / improved-diffusion).
@@ -14,9 +14,12 @@ The schedule is float64 and cast to the sample's dtype at use (DiT / improved-di
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from runtime.manifest import ScheduleInfo
 
 
 def zero_snr_alpha_bar(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -43,16 +46,11 @@ class DDIMScheduler:
         self.num_inference_steps = num_train_timesteps
 
     @classmethod
-    def from_schedule(cls, schedule: Mapping) -> DDIMScheduler:
-        """From a manifest's `schedule` (the exporter's DiffusionConfig); refuses what this sampler cannot do."""
-        unsupported = {key: schedule.get(key) for key, want in
-                       (("beta_schedule", "linear"), ("prediction_type", "v"), ("timestep_spacing", "trailing"))
-                       if schedule.get(key, want) != want}
-        if unsupported:
-            raise ValueError(f"this DDIM sampler supports linear betas, v-prediction and trailing spacing; "
-                             f"the schedule has {unsupported}")
-        return cls(schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"],
-                   schedule["rescale_zero_terminal_snr"])
+    def from_schedule(cls, schedule: ScheduleInfo) -> DDIMScheduler:
+        """From a manifest's schedule, whose literal fields (linear betas, v-prediction, trailing spacing) are what
+        this sampler does: the manifest schema refuses any other."""
+        return cls(schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end,
+                   schedule.rescale_zero_terminal_snr)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Trailing spacing: [T-1, ..., T/n - 1], descending."""
@@ -84,7 +82,8 @@ class DDIMScheduler:
         return prev.astype(dtype), x0.astype(dtype)
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, t: int) -> np.ndarray:
-        """q(x_t | x0) = sqrt(a_t) x0 + sqrt(1 - a_t) noise (the SR stages' noise augmentation of the low-res latent)."""
+        """q(x_t | x0) = sqrt(a_t) x0 + sqrt(1 - a_t) noise (also the SR denoisers' noise augmentation of the
+        low-res latent)."""
         a_t = self.alpha_bar(t)
         return (np.sqrt(a_t) * x0 + np.sqrt(1.0 - a_t) * noise).astype(x0.dtype)
 

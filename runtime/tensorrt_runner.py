@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engine_registry import import_tensorrt
+from runtime.errors import MissingDependencyError, WaltExportError
 from runtime.manifest import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,12 @@ REBUILD = "rebuild it on this machine with `walt-export engines --artifacts DIR`
 _LOGGERS: dict[str, Any] = {}  # TensorRT module name -> its forwarding logger (see `_forwarding_logger`)
 
 
-class CudaError(RuntimeError):
+class CudaError(WaltExportError, RuntimeError):
     """A CUDA runtime call failed, or there is no CUDA device; the message names the call and CUDA's error."""
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class EngineTensor:
     """One input or output of an engine, as the engine declares it."""
 
     name: str
@@ -76,7 +77,7 @@ class Buffer:
     nbytes: int  # at least 1, so that every tensor, even an empty one, gets an address
 
 
-def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray],
+def check_feeds(tensors: Sequence[EngineTensor], feeds: Mapping[str, np.ndarray],
                 engine: str = "the engine") -> dict[str, np.ndarray]:
     """The engine's inputs taken from `feeds`: C-contiguous, of the engine's dtypes, shapes checked.
 
@@ -84,47 +85,47 @@ def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray],
     such as float64 -> float32, raise TypeError instead of rounding silently. Missing inputs and shapes the engine
     does not take raise ValueError. Feeds the engine does not take are ignored (as onnxruntime's runner does).
     """
-    inputs = [spec for spec in specs if spec.is_input]
-    missing = [spec.name for spec in inputs if spec.name not in feeds]
+    inputs = [tensor for tensor in tensors if tensor.is_input]
+    missing = [tensor.name for tensor in inputs if tensor.name not in feeds]
     if missing:
         raise ValueError(f"{engine} needs the inputs {missing}; got {sorted(feeds)}")
     arrays = {}
-    for spec in inputs:
-        array = np.asarray(feeds[spec.name])
-        if array.dtype != spec.dtype:
-            if not np.can_cast(array.dtype, spec.dtype, casting="safe"):
-                raise TypeError(f"{engine}: input {spec.name!r} is {array.dtype}, the engine takes {spec.dtype}; "
-                                f"convert it first (.astype(np.{spec.dtype})): feeds are cast only where no value "
+    for tensor in inputs:
+        array = np.asarray(feeds[tensor.name])
+        if array.dtype != tensor.dtype:
+            if not np.can_cast(array.dtype, tensor.dtype, casting="safe"):
+                raise TypeError(f"{engine}: input {tensor.name!r} is {array.dtype}, the engine takes {tensor.dtype}; "
+                                f"convert it first (.astype(np.{tensor.dtype})): feeds are cast only where no value "
                                 "can change")
-            array = array.astype(spec.dtype)
-        _check_shape(spec, array.shape, engine)
-        arrays[spec.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+            array = array.astype(tensor.dtype)
+        _check_shape(tensor, array.shape, engine)
+        arrays[tensor.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     return arrays
 
 
-def _check_shape(spec: TensorSpec, shape: Shape, engine: str) -> None:
-    if len(shape) != len(spec.shape) or any(d not in (-1, s) for d, s in zip(spec.shape, shape)):
-        pattern = str(tuple("?" if d < 0 else d for d in spec.shape)).replace("'", "")  # (?, 8, 3, 4, 4)
-        raise ValueError(f"{engine}: input {spec.name!r} has shape {shape}, the engine takes {pattern} "
+def _check_shape(tensor: EngineTensor, shape: Shape, engine: str) -> None:
+    if len(shape) != len(tensor.shape) or any(d not in (-1, s) for d, s in zip(tensor.shape, shape, strict=True)):
+        pattern = str(tuple("?" if d < 0 else d for d in tensor.shape)).replace("'", "")  # (?, 8, 3, 4, 4)
+        raise ValueError(f"{engine}: input {tensor.name!r} has shape {shape}, the engine takes {pattern} "
                          "(? = any size within its profile)")
-    if spec.profile is not None:
-        low, _, high = spec.profile
-        if not all(lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
-            raise ValueError(f"{engine}: input {spec.name!r} has shape {shape}, outside the engine's profile "
+    if tensor.profile is not None:
+        low, _, high = tensor.profile
+        if not all(lo <= s <= hi for s, lo, hi in zip(shape, low, high, strict=True)):
+            raise ValueError(f"{engine}: input {tensor.name!r} has shape {shape}, outside the engine's profile "
                              f"{low} .. {high} (the manifest's profile: export and build for other sizes)")
 
 
-def buffer_plan(specs: Sequence[TensorSpec], shapes: Mapping[str, Shape],
+def buffer_plan(tensors: Sequence[EngineTensor], shapes: Mapping[str, Shape],
                 engine: str = "the engine") -> dict[str, Buffer]:
     """name -> Buffer for every input and output, given this call's shapes (inputs: the feeds'; outputs: those the
     execution context resolved from them). An output whose shape depends on the data (-1) raises ValueError."""
     plan = {}
-    for spec in specs:
-        shape = tuple(int(d) for d in shapes[spec.name])
+    for tensor in tensors:
+        shape = tuple(int(d) for d in shapes[tensor.name])
         if any(d < 0 for d in shape):
-            raise ValueError(f"{engine}: output {spec.name!r} has a data-dependent shape {shape}; this runner needs "
+            raise ValueError(f"{engine}: output {tensor.name!r} has a data-dependent shape {shape}; this runner needs "
                              "output shapes that follow from the input shapes")
-        plan[spec.name] = Buffer(shape, spec.dtype, max(math.prod(shape) * spec.dtype.itemsize, 1))
+        plan[tensor.name] = Buffer(shape, tensor.dtype, max(math.prod(shape) * tensor.dtype.itemsize, 1))
     return plan
 
 
@@ -156,7 +157,7 @@ class TensorRTRunner:
         self.path = Path(plan_path)
         self.cuda_graph = cuda_graph
         self._trt = trt
-        self.specs: list[TensorSpec] = []
+        self.tensors: list[EngineTensor] = []
         self._cudart = self._logger = self._runtime = self._engine = self._context = self._stream = None
         self._stream_address = 0  # the stream as TensorRT takes it
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes allocated)
@@ -172,9 +173,9 @@ class TensorRTRunner:
         try:
             from cuda.bindings import runtime as cudart
         except ImportError as error:
-            raise ImportError("the TensorRT backend needs cuda-python: `pip install 'walt-export[tensorrt]'` "
-                              "(its major version must match your CUDA: 'cuda-python>=12.6.1,<13' for CUDA 12)"
-                              ) from error
+            raise MissingDependencyError(
+                "the TensorRT backend needs cuda-python: `pip install 'walt-export[tensorrt]'` (its major version "
+                "must match your CUDA: 'cuda-python>=12.6.1,<13' for CUDA 12)") from error
         err, count = cudart.cudaGetDeviceCount()
         if err != cudart.cudaError_t.cudaSuccess or count == 0:
             reason = cudart.cudaGetErrorName(err)[1].decode() if err != cudart.cudaError_t.cudaSuccess else "0 devices"
@@ -198,7 +199,7 @@ class TensorRTRunner:
         if self._engine is None:
             raise ArtifactError(f"{trt.__name__} {trt.__version__} cannot deserialize {self.path.name} "
                                 f"({self._errors()}); {REBUILD}")
-        self.specs = engine_specs(self._engine, trt, self.path.name)
+        self.tensors = engine_tensors(self._engine, trt, self.path.name)
         if self.cuda_graph and hasattr(trt, "CudaGraphStrategy"):  # TensorRT-RTX: its own graph capture
             config = self._engine.create_runtime_config()
             config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
@@ -239,14 +240,14 @@ class TensorRTRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._context is None:
             raise RuntimeError("use the runner inside `with runner:`")
-        arrays = check_feeds(self.specs, feeds, self.path.name)
+        arrays = check_feeds(self.tensors, feeds, self.path.name)
         self._logger.errors.clear()  # keep only this call's TensorRT errors for its exceptions
         shapes = {name: array.shape for name, array in arrays.items()}
         if shapes != self._input_shapes:
             self._set_input_shapes(shapes)
-        resolved = shapes | {s.name: tuple(self._context.get_tensor_shape(s.name)) for s in self.specs
+        resolved = shapes | {s.name: tuple(self._context.get_tensor_shape(s.name)) for s in self.tensors
                              if not s.is_input}
-        plan = buffer_plan(self.specs, resolved, self.path.name)
+        plan = buffer_plan(self.tensors, resolved, self.path.name)
         grow = buffers_to_grow(self.allocated, plan)
         if grow:
             self._grow(grow, plan)
@@ -263,13 +264,13 @@ class TensorRTRunner:
                 self._on_device[name] = feed
         self._execute()
         outputs = {}
-        for spec in self.specs:
-            if not spec.is_input:
-                host = np.empty(plan[spec.name].shape, spec.dtype)
+        for tensor in self.tensors:
+            if not tensor.is_input:
+                host = np.empty(plan[tensor.name].shape, tensor.dtype)
                 if host.nbytes:
-                    self._cuda("cudaMemcpyAsync", host.ctypes.data, self._buffers[spec.name][0], host.nbytes,
+                    self._cuda("cudaMemcpyAsync", host.ctypes.data, self._buffers[tensor.name][0], host.nbytes,
                                kind.cudaMemcpyDeviceToHost, self._stream)
-                outputs[spec.name] = host
+                outputs[tensor.name] = host
         self._cuda("cudaStreamSynchronize", self._stream)
         return outputs
 
@@ -348,9 +349,9 @@ class TensorRTRunner:
         return self._logger.take_errors() if self._logger is not None else ""
 
 
-def engine_specs(engine: Any, trt: ModuleType, name: str) -> list[TensorSpec]:
+def engine_tensors(engine: Any, trt: ModuleType, name: str) -> list[EngineTensor]:
     """The inputs and outputs of a deserialized engine, in its order; ArtifactError for tensors numpy cannot feed."""
-    specs = []
+    tensors = []
     for i in range(engine.num_io_tensors):
         tensor = engine.get_tensor_name(i)
         is_input = engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
@@ -366,8 +367,8 @@ def engine_specs(engine: Any, trt: ModuleType, name: str) -> list[TensorSpec]:
         profile = None
         if is_input and -1 in shape:  # walt-export engines builds one optimization profile
             profile = tuple(tuple(dims) for dims in engine.get_tensor_profile_shape(tensor, 0))
-        specs.append(TensorSpec(tensor, is_input, dtype, shape, profile))
-    return specs
+        tensors.append(EngineTensor(tensor, is_input, dtype, shape, profile))
+    return tensors
 
 
 def _address(handle: Any) -> int:

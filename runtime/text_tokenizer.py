@@ -7,12 +7,14 @@ checkpoint's own tokenizer files (`tokenizer.json`, read with the `tokenizers` p
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from runtime.errors import import_optional
+from runtime.manifest import ArtifactError
 
 
 class TextTokenizer(Protocol):
@@ -56,7 +58,7 @@ class PretrainedTokenizer:
         self.max_length = max_length
         json_file, spm_file = self.directory / "tokenizer.json", self.directory / "spiece.model"
         if json_file.is_file():
-            tokenizers = _import("tokenizers", "to read tokenizer.json")
+            tokenizers = import_optional("tokenizers", "pip install 'walt-export[t5]' (it reads tokenizer.json)")
             self._tok = tokenizers.Tokenizer.from_file(str(json_file))
             self._tok.no_padding()
             self._tok.no_truncation()
@@ -64,13 +66,13 @@ class PretrainedTokenizer:
             self.eos_id = _token_id(self._tok.token_to_id("</s>"), 1)
             self._encode = lambda texts: [self._without_eos(e.ids) for e in self._tok.encode_batch(texts)]
         elif spm_file.is_file():
-            spm = _import("sentencepiece", "to read spiece.model")
+            spm = import_optional("sentencepiece", "pip install 'walt-export[t5]' (it reads spiece.model)")
             self._tok = spm.SentencePieceProcessor(model_file=str(spm_file))
             self.pad_id = _token_id(self._tok.pad_id(), 0)
             self.eos_id = _token_id(self._tok.eos_id(), 1)
             self._encode = lambda texts: [list(ids) for ids in self._tok.encode(list(texts))]
         else:
-            raise FileNotFoundError(
+            raise ArtifactError(
                 f"no tokenizer in {self.directory}: expected tokenizer.json or spiece.model beside the T5 weights"
             )
 
@@ -101,10 +103,3 @@ def _as_list(texts: Sequence[str] | str) -> list[str]:
 
 def _token_id(value: int | None, default: int) -> int:
     return default if value is None or value < 0 else int(value)
-
-
-def _import(module: str, why: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"the {module!r} package is needed {why}: pip install {module}") from e

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import RequestError
 from runtime.files import atomic_output
 
 CRF = 18  # visually lossless for H.264
@@ -74,15 +75,17 @@ def write_pngs(frames: np.ndarray, directory: str | Path, stem: str = "frame") -
 
 
 def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """The first frame of an image (or video) file as (H, W, 3) uint8 RGB, resized to size = (H, W)."""
+    """The first frame of an image (or video) file as (H, W, 3) uint8 RGB, resized to size = (H, W).
+
+    Raises RequestError when there is no file or PyAV cannot decode it."""
     import av
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no image at {path}")
+        raise RequestError(f"no image at {path}")
     try:
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
     except (av.error.FFmpegError, StopIteration) as e:
-        raise ValueError(f"cannot read an image from {path}: {e}") from None
+        raise RequestError(f"cannot read an image from {path}: {e}") from None
     return frame.reformat(width=size[1], height=size[0], format="rgb24").to_ndarray()

@@ -7,14 +7,15 @@ def test_reference_forward_writes_a_table_and_json(tmp_path, capsys):
     out = tmp_path / "micro.json"
     assert reference_forward.main(["--preset", "micro", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [row["part"] for row in result["rows"]] == list(reference_forward.PARTS)
+    assert [row["stage"] for row in result["rows"]] == ["text_encoder", "base", "sr1", "sr2", "tokenizer_encoder",
+                                                         "tokenizer_decoder", "tokenizer_decoder_step"]
     assert all(row["flops"] > 0 and len(row["times_s"]) == 1 for row in result["rows"])
     assert "tokenizer_decoder" in capsys.readouterr().out
 
 
 def test_meta_device_counts_flops_without_timing(tmp_path):
     out = tmp_path / "t2v.json"
-    assert reference_forward.main(["--preset", "t2v", "--device", "meta", "--parts", "sr2", "--out", str(out)]) == 0
+    assert reference_forward.main(["--preset", "t2v", "--device", "meta", "--stages", "sr2", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["times_s"] == [] and row["median_s"] is None and row["flops"] > 1e12
 

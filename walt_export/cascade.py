@@ -8,49 +8,34 @@ import torch
 from torch import Tensor, nn
 
 from runtime.text_tokenizer import TextTokenizer, load_text_tokenizer
-from walt_export.config import PRESETS, STAGE_NAMES, CascadeConfig, DenoiserConfig, SuperResConfig
+from walt_export.config import PRESETS, DENOISER_NAMES, CascadeConfig, DenoiserConfig, SuperResConfig
 from walt_export.models.denoiser import WaltDenoiser
 from walt_export.models.super_resolution import SuperResDenoiser
-from walt_export.models.text_encoder import T5Encoder
-from walt_export.models.tokenizer import Tokenizer, TokenizerDecoder, TokenizerEncoder
+from walt_export.models.text_encoder import T5Encoder, load_pretrained_t5
+from walt_export.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def build_denoiser(cfg: DenoiserConfig) -> WaltDenoiser:
-    """The denoiser module of a stage config: `SuperResDenoiser` for a `SuperResConfig`."""
+    """The module of a denoiser config: `SuperResDenoiser` for a `SuperResConfig`."""
     return SuperResDenoiser(cfg) if isinstance(cfg, SuperResConfig) else WaltDenoiser(cfg)
 
 
-# Every separately exported part of a cascade, in pipeline order
-PARTS = ("text_encoder", "base", "sr1", "sr2", "tokenizer_encoder", "tokenizer_decoder")
-
-
-def build_part(cfg: CascadeConfig, part: str) -> nn.Module | None:
-    """One part of a cascade on the default device with the current RNG, or None when the preset has none."""
-    if part == "text_encoder":
-        return T5Encoder(cfg.text_encoder) if cfg.text_encoder is not None else None
-    if part in STAGE_NAMES:
-        stage = getattr(cfg, part)
-        return build_denoiser(stage) if stage is not None else None
-    if part == "tokenizer_encoder":
-        return TokenizerEncoder(cfg.tokenizer)
-    if part == "tokenizer_decoder":
-        return TokenizerDecoder(cfg.tokenizer)
-    raise ValueError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
-
-
 # The modules a cascade holds; each is seeded on its own, so one can be built alone with the weights it has in
-# the whole cascade (exporting a 3B stage must not need the other 3B of the cascade in memory).
-COMPONENTS = ("tokenizer", "text_encoder", *STAGE_NAMES)
+# the whole cascade (exporting a 3B denoiser must not need the other 3B of the cascade in memory).
+COMPONENTS = ("tokenizer", "text_encoder", *DENOISER_NAMES)
 
 
 def make_component(cfg: CascadeConfig, name: str) -> nn.Module | None:
     """One component of `COMPONENTS`, initialised from the current RNG on the default device, or None."""
     if name == "tokenizer":
         return Tokenizer(cfg.tokenizer)
-    if name in COMPONENTS:
-        return build_part(cfg, name)
+    if name == "text_encoder":
+        return T5Encoder(cfg.text_encoder) if cfg.text_encoder is not None else None
+    if name in DENOISER_NAMES:
+        denoiser = getattr(cfg, name)
+        return build_denoiser(denoiser) if denoiser is not None else None
     raise ValueError(f"unknown component {name!r}; components: {', '.join(COMPONENTS)}")
 
 
@@ -70,8 +55,6 @@ def build_component(preset_or_config: str | CascadeConfig, name: str, seed: int 
     if module is None:
         return None
     if name == "text_encoder" and cfg.text_encoder.pretrained_dir is not None and not meta:
-        from walt_export.checkpoint import load_pretrained_t5
-
         load_pretrained_t5(module, cfg.text_encoder.pretrained_dir)
     return module.to(device).eval()
 
@@ -91,9 +74,9 @@ class Cascade(nn.Module):
             setattr(self, name, components[name] if components is not None else make_component(cfg, name))
         self._text_tokenizer: TextTokenizer | None = None
 
-    def stages(self) -> dict[str, WaltDenoiser]:
-        """The denoiser stages present, in sampling order."""
-        return {name: getattr(self, name) for name in self.config.stages()}
+    def denoisers(self) -> dict[str, WaltDenoiser]:
+        """The denoisers present (base, sr1, sr2), in sampling order."""
+        return {name: getattr(self, name) for name in self.config.denoisers()}
 
     @property
     def text_tokenizer(self) -> TextTokenizer:
@@ -113,7 +96,7 @@ class Cascade(nn.Module):
         return self.text_encoder(ids, mask), mask
 
     def parameter_counts(self) -> dict[str, int]:
-        parts = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, **self.stages()}
+        parts = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, **self.denoisers()}
         return {name: count_parameters(module) for name, module in parts.items() if module is not None}
 
     def summary(self) -> str:
@@ -140,7 +123,7 @@ class Cascade(nn.Module):
         if name == "tokenizer":
             tk = cfg.tokenizer
             return f"causal 3D CNN, channels {tk.channels}, {tk.num_res_blocks} blocks/level, c={tk.latent_channels}"
-        s = cfg.stages()[name]
+        s = cfg.denoisers()[name]
         text = f", cross-attention {s.cross_attention}" if s.conditioning == "text" else ""
         classes = f", {s.num_classes} classes" if s.conditioning == "class" else ""
         return (f"{s.depth} layers, d {s.hidden_size}, {s.num_heads} heads, p {s.patch_size}, latent "

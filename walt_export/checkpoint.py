@@ -3,9 +3,8 @@
 The JSON holds the format, the kind of model and its full config (latent statistics included); the safetensors
 metadata repeats the kind and holds the sha256 of the JSON, so a pair that does not belong together is refused.
 Both files are written under temporary names and renamed when complete. Loading checks every tensor name and
-shape first and fails with one `CheckpointError` listing everything that is missing, unexpected or mis-shaped.
-
-Also here: importing the weights of a local Hugging Face T5 directory into the text encoder.
+shape first and fails with one `CheckpointError` listing everything that is missing, unexpected or mis-shaped
+(`state_dict.py`). The weights of a Hugging Face T5 directory are imported by `models/text_encoder.py`.
 """
 
 from __future__ import annotations
@@ -34,8 +33,9 @@ from walt_export.config import (
 )
 from walt_export.models.denoiser import WaltDenoiser
 from walt_export.models.super_resolution import SuperResDenoiser
-from walt_export.models.text_encoder import T5Encoder, convert_hf_state_dict
+from walt_export.models.text_encoder import T5Encoder
 from walt_export.models.tokenizer import Tokenizer
+from walt_export.state_dict import CheckpointError, config_differences, load_state_dict_checked
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ KINDS: dict[str, tuple[type[nn.Module], type[BaseModel], Callable[[BaseModel], n
     "super_resolution": (SuperResDenoiser, SuperResConfig, build_denoiser),
     "denoiser": (WaltDenoiser, DenoiserConfig, build_denoiser),
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
 
 
 def config_path(path: str | Path) -> Path:
@@ -139,7 +135,7 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     expected_kind = kind_of(module)
     if kind != expected_kind:
         raise CheckpointError(f"{path} holds a {kind}, not a {expected_kind}")
-    differences = _differences(cfg.model_dump(), module.config.model_dump())
+    differences = config_differences(cfg.model_dump(), module.config.model_dump())
     if differences:
         name = getattr(cfg, "name", kind)
         raise CheckpointError(
@@ -166,82 +162,3 @@ def _read_safetensors(path: Path, kind: str) -> dict[str, Tensor]:
             return {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e}); re-save or re-copy it") from e
-
-
-def load_state_dict_checked(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """`module.load_state_dict(state, assign=True)` after checking names and shapes; lists every problem at once."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(
-        f"{name}: checkpoint {tuple(state[name].shape)}, model {tuple(expected[name].shape)}"
-        for name in set(state) & set(expected) if state[name].shape != expected[name].shape
-    )
-    problems = [f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                if items]
-    if problems:
-        raise CheckpointError(f"{source} does not fit the {type(module).__name__}:\n  - " + "\n  - ".join(problems))
-    state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
-    module.load_state_dict(state, assign=True)
-
-
-def _differences(saved: object, current: object, prefix: str = "") -> list[str]:
-    """Paths where two config dumps differ, e.g. `base.hidden_size: 1024 != 1152`."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(saved) | set(current), key=str):
-            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
-        return out
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} != {current!r}"]
-
-
-# ------------------------------------------------------------------------------------------ Hugging Face T5 import
-def read_pretrained_t5_config(directory: str | Path, max_length: int = 128) -> TextEncoderConfig:
-    """The `TextEncoderConfig` of a local Hugging Face T5 directory (its `config.json`)."""
-    directory = Path(directory)
-    cfg_file = directory / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{directory} is not a T5 checkpoint directory: {cfg_file.name} is missing")
-    hf = json.loads(cfg_file.read_text())
-    ff = hf.get("feed_forward_proj", "relu")
-    if ff not in ("relu", "gated-gelu"):
-        raise CheckpointError(f"{cfg_file}: feed_forward_proj {ff!r} is not supported (relu, gated-gelu)")
-    fields = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
-              "relative_attention_max_distance", "layer_norm_epsilon")
-    return TextEncoderConfig(**{k: hf[k] for k in fields if k in hf}, feed_forward_proj=ff, max_length=max_length,
-                             pretrained_dir=str(directory))
-
-
-def load_pretrained_t5(encoder: T5Encoder, directory: str | Path) -> None:
-    """Load the encoder weights of a local Hugging Face T5 directory (`*.safetensors` or `pytorch_model*.bin`)."""
-    directory = Path(directory)
-    found = read_pretrained_t5_config(directory, encoder.config.max_length)
-    differences = _differences(found.model_dump(exclude={"pretrained_dir"}),
-                               encoder.config.model_dump(exclude={"pretrained_dir"}))
-    if differences:
-        raise CheckpointError(f"T5 in {directory} does not match the text encoder config (checkpoint vs config):\n  - "
-                              + "\n  - ".join(differences)
-                              + "\nuse walt_export.checkpoint.read_pretrained_t5_config(dir) for the config")
-    hf_state = _read_hf_weights(directory)
-    state, unknown = convert_hf_state_dict(hf_state)
-    if unknown:
-        raise CheckpointError(f"{directory} has weights that are not T5 encoder weights: {', '.join(sorted(unknown)[:20])}")
-    load_state_dict_checked(encoder, state, str(directory))
-    log.info("loaded T5 encoder weights from %s", directory)
-
-
-def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(directory.glob("*.safetensors"))
-    try:
-        if files:
-            return {k: v for f in files for k, v in load_file(str(f)).items()}
-    except SafetensorError as e:
-        raise CheckpointError(f"T5 weights in {directory} are truncated or corrupt ({e})") from e
-    files = sorted(directory.glob("pytorch_model*.bin"))
-    if not files:
-        raise CheckpointError(f"no T5 weights in {directory}: expected *.safetensors or pytorch_model*.bin")
-    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}

@@ -13,19 +13,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 import warnings
 from pathlib import Path
+from typing import get_args
+
+from runtime.engine_registry import ENGINE_PRECISIONS, Attention
+from runtime.errors import UsageError, WaltExportError
+from walt_export.config import PRESETS
 
 DEFAULT_PRESET = "tiny"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from walt_export.config import PRESETS
-    from runtime.engine_registry import PRECISIONS
-    from walt_export.engines import ATTENTION
-
     parser = argparse.ArgumentParser(prog="walt-export", description="Build, export and compile W.A.L.T cascades.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what the library does, and show the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     summary = sub.add_parser("summary", help="build a cascade (preset or checkpoint) and print its parts")
@@ -70,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
 
     engines = sub.add_parser("engines", help="build one TensorRT engine per stage (reused while nothing changed)")
     engines.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
-    engines.add_argument("--precision", choices=PRECISIONS, default="fp16",
-                         help="int8 needs `walt-export calibrate` first")
-    engines.add_argument("--attention", choices=ATTENTION, default="fallback",
+    engines.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp16",
+                         help="int8 needs `walt-export calibrate` first; the text encoder's plan is FP32 for both")
+    engines.add_argument("--attention", choices=get_args(Attention), default="fallback",
                          help="denoisers: the inlined attention (default) or the wattn plugin")
     engines.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (Jetson: keep it small)")
     engines.add_argument("--timing-cache", help="a timing-cache file, read and updated")
@@ -80,12 +83,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _engines(args: argparse.Namespace) -> int:
-    from walt_export.engines import build_engines
+    from walt_export.engine_build import build_engines
 
     out, decisions = build_engines(args.artifacts, args.precision, args.attention, args.workspace_gb,
                                    args.timing_cache)
     for d in decisions:
-        print(f"{d['stage']:<23} {d['decision']:<6} {Path(d['plan']).name}" + (f"  ({d['reason']})" if "reason" in d else ""))
+        why = f"  ({d.reason})" if d.built else ""
+        print(f"{d.stage:<23} {'built' if d.built else 'reused':<6} {d.plan.name}{why}")
     print(f"engines in {out}")
     return 0
 
@@ -93,18 +97,17 @@ def _engines(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from calibration.calibrate import INT8_DIR, REPORT, calibrate_artifacts
     from calibration.report import Gates, format_report
-    from walt_export.onnx_export import write_attention_variants
 
     gates = Gates.parse(args.gate)
     prompts = None
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
-            raise ValueError(f"no prompts file at {path}")
+            raise UsageError(f"no prompts file at {path}")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    report = calibrate_artifacts(args.artifacts, write_attention_variants, samples=args.samples,
-                                 held_out=args.held_out, prompts=prompts, method=args.method, seed=args.seed,
-                                 timesteps=args.timesteps, gates=gates, threads=args.threads, progress=print)
+    report = calibrate_artifacts(args.artifacts, samples=args.samples, held_out=args.held_out, prompts=prompts,
+                                 method=args.method, seed=args.seed, timesteps=args.timesteps, gates=gates,
+                                 threads=args.threads, progress=print)
     print(format_report(report))
     print(f"wrote {Path(args.artifacts) / INT8_DIR / REPORT}")
     if report["failures"]:
@@ -117,7 +120,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import walt_export
-    from runtime.manifest import sha256_of
+    from runtime.manifest import SourceInfo, sha256_of
     from walt_export.cascade import build_component
     from walt_export.onnx_export import export_artifacts
 
@@ -131,11 +134,11 @@ def _export(args: argparse.Namespace) -> int:
                 f"{args.checkpoint} is a checkpoint of {cascade.config.name!r}, not {args.preset!r}; "
                 f"pass --preset {cascade.config.name} or leave --preset out")
         path = Path(args.checkpoint).resolve()
-        cfg, source = cascade.config, {"checkpoint": str(path), "sha256": sha256_of(path)}
+        cfg, source = cascade.config, SourceInfo(checkpoint=str(path), sha256=sha256_of(path))
         components = lambda name: getattr(cascade, name)  # noqa: E731
     else:
         preset = args.preset or DEFAULT_PRESET
-        cfg, source = walt_export.PRESETS[preset], {"preset": preset, "seed": args.seed}
+        cfg, source = walt_export.PRESETS[preset], SourceInfo(preset=preset, seed=args.seed)
         components = lambda name: build_component(cfg, name, seed=args.seed)  # noqa: E731 (one at a time)
     manifest = export_artifacts(cfg, components, args.out, source, fp16=args.fp16)
     files = [f for stage in manifest.stages.values() for f in stage.files]
@@ -161,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     import walt_export
-    from runtime.manifest import ArtifactError
-    from walt_export.tensorrt_build import EngineBuildError
 
     try:
         if args.command == "summary":
@@ -186,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(args)
         elif args.command == "engines":
             return _engines(args)
-    except (walt_export.CheckpointError, walt_export.ConfigError, ArtifactError, EngineBuildError, ImportError,
-            ValueError) as e:
+    except WaltExportError as e:  # a user mistake: one line (anything else is a bug and keeps its traceback)
+        if args.verbose:
+            traceback.print_exc()
         print(f"walt-export: error: {e}", file=sys.stderr)
         return 1
     return 0

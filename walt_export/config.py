@@ -1,23 +1,26 @@
 """Typed configs for every part of a W.A.L.T cascade, the named presets, and all validation.
 
-Every default here is the paper's value or the decision recorded in `shared/walt-spec.md`; a preset is a plain
+Every default here is the paper's value or the decision recorded in `docs/model_spec.md`; a preset is a plain
 function returning a `CascadeConfig`. Single-model invariants live on each config, cross-model invariants
-(channels chain, SR factors chain, geometry of the last stage matches the tokenizer) on `CascadeConfig`, so a
+(channels chain, SR factors chain, geometry of the last denoiser matches the tokenizer) on `CascadeConfig`, so a
 config that validates can always be built.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
+from runtime.errors import WaltExportError
+
 Triple = tuple[int, int, int]
-STAGE_NAMES = ("base", "sr1", "sr2")  # denoiser stages of a cascade, in sampling order
+DENOISER_NAMES = ("base", "sr1", "sr2")  # the denoisers of a cascade, in sampling order
 
 
-class ConfigError(ValueError):
+class ConfigError(WaltExportError, ValueError):
     """A config that cannot describe a model; the message lists every problem found."""
 
     def __init__(self, what: str, problems: list[str]):
@@ -25,7 +28,7 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {what}:\n  - " + "\n  - ".join(problems))
 
 
-class UnknownPresetError(KeyError):
+class UnknownPresetError(WaltExportError, KeyError):
     """A preset name that does not exist; the message lists the valid ones."""
 
     def __str__(self) -> str:
@@ -145,7 +148,7 @@ class DenoiserConfig(StrictModel):
     """The window-attention latent transformer [P §4.2-4.3, Table 8]."""
 
     latent_channels: PositiveInt = 8  # c, must equal the tokenizer's
-    latent_size: Triple  # (T, H, W) of the latent this stage denoises
+    latent_size: Triple  # (T, H, W) of the latent this denoiser denoises
     patch_size: PositiveInt = 1  # p: tokens are 1 x p x p latent patches
     hidden_size: PositiveInt  # d
     depth: PositiveInt  # attention layers; spatial and spatiotemporal alternate
@@ -193,7 +196,7 @@ class DenoiserConfig(StrictModel):
             problems.append(f"patch_size={p} does not divide the latent {h}x{w}")
         elif min(self.latent_size) > 0:
             grid = self.token_grid
-            for axis, win, size in zip("THW", self.window, grid):
+            for axis, win, size in zip("THW", self.window, grid, strict=True):
                 if win <= 0 or size % win:
                     problems.append(f"window {self.window} does not divide the token grid {grid} along {axis}")
                     break
@@ -219,9 +222,9 @@ class DenoiserConfig(StrictModel):
 
 
 class SuperResConfig(DenoiserConfig):
-    """A denoiser that also sees the previous stage's latent, upsampled inside the model [P §4.5]."""
+    """A denoiser that also sees the previous denoiser's latent, upsampled inside the model [P §4.5]."""
 
-    upsample_factor: PositiveInt = 2  # spatial factor from the previous stage's latent
+    upsample_factor: PositiveInt = 2  # spatial factor from the previous denoiser's latent
     noise_aug_level: float = 0.25  # t_sr at inference, a fraction of the training schedule (decision)
 
     @property
@@ -299,7 +302,7 @@ class DiffusionConfig(StrictModel):
 
 # ------------------------------------------------------------------------------------------------------ cascade
 class CascadeConfig(StrictModel):
-    """A whole cascade: tokenizer, optional text encoder, base denoiser, optional two SR stages."""
+    """A whole cascade: tokenizer, optional text encoder, base denoiser, optional two SR denoisers."""
 
     name: str
     frames: PositiveInt = 17  # output video frames, 1 + 4k
@@ -313,9 +316,9 @@ class CascadeConfig(StrictModel):
     sr2: SuperResConfig | None = None
     diffusion: DiffusionConfig = DiffusionConfig()
 
-    def stages(self) -> dict[str, DenoiserConfig]:
-        """The denoiser stages present, in sampling order."""
-        return {name: cfg for name in STAGE_NAMES if (cfg := getattr(self, name)) is not None}
+    def denoisers(self) -> dict[str, DenoiserConfig]:
+        """The denoisers present (base, sr1, sr2), in sampling order."""
+        return {name: cfg for name in DENOISER_NAMES if (cfg := getattr(self, name)) is not None}
 
     @model_validator(mode="after")
     def _validate(self) -> CascadeConfig:
@@ -327,25 +330,25 @@ class CascadeConfig(StrictModel):
             problems.append("sr2 is set without sr1")
         if isinstance(self.base, SuperResConfig):
             problems.append("base must be a DenoiserConfig, not a SuperResConfig")
-        stages = list(self.stages().items())
-        for name, stage in stages:
-            if stage.latent_channels != self.tokenizer.latent_channels:
-                problems.append(f"{name}.latent_channels={stage.latent_channels} but the tokenizer has "
+        denoisers = list(self.denoisers().items())
+        for name, denoiser in denoisers:
+            if denoiser.latent_channels != self.tokenizer.latent_channels:
+                problems.append(f"{name}.latent_channels={denoiser.latent_channels} but the tokenizer has "
                                 f"{self.tokenizer.latent_channels}")
-            if stage.conditioning == "text":
+            if denoiser.conditioning == "text":
                 if self.text_encoder is None:
                     problems.append(f"{name} is text-conditioned but the cascade has no text_encoder")
-                elif stage.text_dim != self.text_encoder.d_model:
-                    problems.append(f"{name}.text_dim={stage.text_dim} but text_encoder.d_model={self.text_encoder.d_model}")
-        for (low_name, low), (name, stage) in zip(stages, stages[1:]):  # SR factors chain
+                elif denoiser.text_dim != self.text_encoder.d_model:
+                    problems.append(f"{name}.text_dim={denoiser.text_dim} but text_encoder.d_model={self.text_encoder.d_model}")
+        for (low_name, low), (name, denoiser) in itertools.pairwise(denoisers):  # SR factors chain
             t, h, w = low.latent_size
-            f = stage.upsample_factor
-            if stage.latent_size != (t, h * f, w * f):
-                problems.append(f"{name}.latent_size={stage.latent_size} is not {low_name}'s {low.latent_size} "
+            f = denoiser.upsample_factor
+            if denoiser.latent_size != (t, h * f, w * f):
+                problems.append(f"{name}.latent_size={denoiser.latent_size} is not {low_name}'s {low.latent_size} "
                                 f"upsampled x{f} (expected {(t, h * f, w * f)})")
-        if self.text_encoder is not None and not any(s.conditioning == "text" for _, s in stages):
-            problems.append("a text_encoder is set but no stage is text-conditioned")
-        last_name, last = stages[-1]
+        if self.text_encoder is not None and not any(s.conditioning == "text" for _, s in denoisers):
+            problems.append("a text_encoder is set but no denoiser is text-conditioned")
+        last_name, last = denoisers[-1]
         if latent is not None and last.latent_size != latent[1:]:
             problems.append(f"{last_name}.latent_size={last.latent_size} but {self.frames}x{self.height}x{self.width} "
                             f"video encodes to a {'x'.join(map(str, latent[1:]))} latent")
@@ -354,7 +357,9 @@ class CascadeConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------------------------ presets
-T5_XL = TextEncoderConfig()  # T5 v1.1 XL encoder geometry; weights come from `pretrained_dir` or a checkpoint
+def t5_xl() -> TextEncoderConfig:
+    """The T5 v1.1 XL encoder geometry (the field defaults); weights come from `pretrained_dir` or a checkpoint."""
+    return TextEncoderConfig()
 
 
 def _class_preset(name: str, depth: int, hidden: int, num_classes: int) -> CascadeConfig:
@@ -375,22 +380,24 @@ def walt_xl() -> CascadeConfig:
 
 
 def walt_l_text() -> CascadeConfig:
+    t5 = t5_xl()
     base = DenoiserConfig(
         latent_size=(5, 16, 16), hidden_size=1024, depth=24, window=(5, 8, 8),
-        conditioning="text", text_dim=T5_XL.d_model, cross_attention="every",
+        conditioning="text", text_dim=t5.d_model, cross_attention="every",
     )
-    return CascadeConfig(name="walt-l-text", height=128, width=128, base=base, text_encoder=T5_XL)  # 419M
+    return CascadeConfig(name="walt-l-text", height=128, width=128, base=base, text_encoder=t5)  # 419M
 
 
 def t2v() -> CascadeConfig:
     """The 512x896 @ 8 fps text-to-video cascade: T5-XL, 3B base, 1.3B SR1, 419M SR2 [P §4.5, Table 8].
 
-    All three stages see the same 5x16x28 token grid (p = 1, 2, 4); windows 5x8x14 (9:16 fine-tuning).
+    All three denoisers see the same 5x16x28 token grid (p = 1, 2, 4); windows 5x8x14 (9:16 fine-tuning).
     The base attends to the text in spatial layers only (joint image-video training).
     """
-    text = dict(conditioning="text", text_dim=T5_XL.d_model)
+    t5 = t5_xl()
+    text = dict(conditioning="text", text_dim=t5.d_model)
     return CascadeConfig(
-        name="t2v", height=512, width=896, text_encoder=T5_XL,
+        name="t2v", height=512, width=896, text_encoder=t5,
         base=DenoiserConfig(latent_size=(5, 16, 28), hidden_size=2048, depth=52, window=(5, 8, 14),
                             cross_attention="spatial", **text),
         sr1=SuperResConfig(latent_size=(5, 32, 56), patch_size=2, hidden_size=1408, depth=40, window=(5, 8, 14),

@@ -1,9 +1,10 @@
 """Export specs: what every exported model of a cascade takes and returns, defined once as data.
 
-A spec names the model's inputs and outputs in order, their dtypes and shapes (ints are fixed, strings are the
-dynamic dims), the min/opt/max of every dynamic dim (TensorRT profiles), how to call the PyTorch module with
-inputs in that order, and seeded sample inputs. The ONNX exporter, `verify`, the manifest and the engine builder
-all read these specs; nothing else spells out an input name or a dynamic axis.
+Every exported model is a "stage". A spec names the stage's inputs and outputs in order, their dtypes and shapes
+(ints are fixed, strings are the dynamic dims), the min/opt/max of every dynamic dim (TensorRT profiles), its
+precision policy, for a denoiser what it samples, how to call the PyTorch module with inputs in that order, and
+seeded sample inputs. The ONNX exporter (which copies the data into the manifest), `verify`, the benchmarks and the
+engine builder all read these specs; nothing else spells out an input name, a dynamic axis or a precision rule.
 
 Fixed per artifact: the latent geometry (one artifact per aspect ratio) and the text length. Dynamic: the batch
 (classifier-free guidance runs 2B through one call) and the frame axis of the tokenizer models (images, long
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from runtime.manifest import resolve_dim
-from walt_export.config import STAGE_NAMES, CascadeConfig, SuperResConfig
+from runtime.manifest import DenoiserInfo, PrecisionPolicy, TensorInfo
+from walt_export.config import CascadeConfig, DenoiserConfig, SuperResConfig
 from walt_export.inputs import denoiser_inputs, text_encoder_inputs
 
 Dim = int | str  # a fixed size or the name of a dynamic dim
@@ -27,16 +28,12 @@ BATCH = "batch"
 LATENT_FRAMES = "latent_frames"  # latent frames of a tokenizer call; the video has 1 + 4 (t - 1) or 4 t frames
 PROFILE_BATCH = (1, 2, 8)  # min, opt (one prompt with guidance), max
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy name: float32, int64
-    shape: tuple[Dim, ...]
-
-    def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
-        """The shape with dynamic dims replaced from `dims` (derived dims like '4*latent_frames' evaluated)."""
-        return tuple(resolve_dim(d, dims) for d in self.shape)
+# The precision policy (docs/architecture.md §5), decided here once and recorded in the manifest.
+ANY_PRECISION = PrecisionPolicy(allowed=("fp32", "fp16", "int8"))
+FP32_ONLY_T5 = PrecisionPolicy(
+    allowed=("fp32",), fallback="fp32",
+    reason="T5 overflows in FP16 (diffusers#8604) and is not quantized: it runs in FP32 on every backend",
+)
 
 
 @dataclass(frozen=True)
@@ -45,12 +42,13 @@ class ExportSpec:
 
     name: str
     module: str  # attribute path inside a `Cascade`
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
     profile: dict[str, tuple[int, int, int]]  # dynamic dim -> (min, opt, max)
     call: Callable[..., tuple[Tensor, ...]]  # (module, *inputs in order) -> outputs in order
     sample: Callable[[dict[str, int], torch.Generator], tuple[Tensor, ...]] = field(repr=False)  # dims -> inputs
-    has_window_attention: bool = False
+    precision: PrecisionPolicy = ANY_PRECISION
+    denoiser: DenoiserInfo | None = None  # base, sr1, sr2: what the cascade needs to sample with it
 
     @property
     def component(self) -> str:
@@ -82,12 +80,12 @@ class _Positional(nn.Module):
         return self.call(self.module, *inputs)
 
 
-def _f32(name: str, *shape: Dim) -> TensorSpec:
-    return TensorSpec(name, "float32", shape)
+def _f32(name: str, *shape: Dim) -> TensorInfo:
+    return TensorInfo(name=name, dtype="float32", shape=shape)
 
 
-def _i64(name: str, *shape: Dim) -> TensorSpec:
-    return TensorSpec(name, "int64", shape)
+def _i64(name: str, *shape: Dim) -> TensorInfo:
+    return TensorInfo(name=name, dtype="int64", shape=shape)
 
 
 # ------------------------------------------------------------------------------------------------------- specs
@@ -101,11 +99,19 @@ def _text_encoder_spec(cfg: CascadeConfig) -> ExportSpec:
         profile={BATCH: PROFILE_BATCH},
         call=lambda m, ids, mask: (m(ids, mask),),
         sample=lambda dims, g: text_encoder_inputs(te, dims[BATCH], g),
+        precision=FP32_ONLY_T5,
     )
 
 
-def _denoiser_spec(cfg: CascadeConfig, stage: str) -> ExportSpec:
-    s = getattr(cfg, stage)
+def _denoiser_info(s: DenoiserConfig) -> DenoiserInfo:
+    sr = isinstance(s, SuperResConfig)
+    return DenoiserInfo(latent_channels=s.latent_channels, latent_size=s.latent_size, conditioning=s.conditioning,
+                        num_classes=s.num_classes, null_class=s.num_classes,  # the extra class embedding (CFG)
+                        noise_aug_level=s.noise_aug_level if sr else None)
+
+
+def _denoiser_spec(cfg: CascadeConfig, name: str) -> ExportSpec:
+    s = getattr(cfg, name)
     c, (t, h, w) = s.latent_channels, s.latent_size
     latent = (BATCH, c, t, h, w)
     inputs = [_f32("latent", *latent), _f32("timestep", BATCH), _f32("self_cond", *latent),
@@ -122,14 +128,14 @@ def _denoiser_spec(cfg: CascadeConfig, stage: str) -> ExportSpec:
     positional = len(inputs) - len(keywords)
 
     def call(module: nn.Module, *args: Tensor) -> tuple[Tensor]:
-        return (module(*args[:positional], **dict(zip(keywords, args[positional:]))),)
+        return (module(*args[:positional], **dict(zip(keywords, args[positional:], strict=True))),)
 
     def sample(dims: dict[str, int], generator: torch.Generator) -> tuple[Tensor, ...]:
         args, kwargs = denoiser_inputs(s, dims[BATCH], text_length=text_length, generator=generator)
         return (*args, *(kwargs[name] for name in keywords))
 
-    return ExportSpec(stage, stage, tuple(inputs), (_f32("v", *latent),), {BATCH: PROFILE_BATCH}, call, sample,
-                      has_window_attention=True)
+    return ExportSpec(name, name, tuple(inputs), (_f32("v", *latent),), {BATCH: PROFILE_BATCH}, call, sample,
+                      denoiser=_denoiser_info(s))
 
 
 def _tokenizer_specs(cfg: CascadeConfig) -> list[ExportSpec]:
@@ -186,9 +192,9 @@ def _decoder_state_shapes(cfg: CascadeConfig) -> list[tuple[int, ...]]:
 
 
 def export_specs(cfg: CascadeConfig) -> dict[str, ExportSpec]:
-    """Every exported model of a cascade, in pipeline order, by name."""
+    """Every stage (exported model) of a cascade, in pipeline order, by name."""
     specs = [_text_encoder_spec(cfg)] if cfg.text_encoder is not None else []
-    specs += [_denoiser_spec(cfg, stage) for stage in STAGE_NAMES if getattr(cfg, stage) is not None]
+    specs += [_denoiser_spec(cfg, name) for name in cfg.denoisers()]
     specs += _tokenizer_specs(cfg)
     return {spec.name: spec for spec in specs}
 

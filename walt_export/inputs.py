@@ -1,11 +1,12 @@
-"""Seeded sample inputs for every part of a cascade, shaped from its config (tests, benchmarks, export)."""
+"""Seeded sample inputs of the denoisers and the text encoder, shaped from their configs (the export specs build
+every stage's sample inputs from these; tests use them directly)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from walt_export.config import STAGE_NAMES, CascadeConfig, DenoiserConfig, SuperResConfig, TextEncoderConfig
+from walt_export.config import DenoiserConfig, SuperResConfig, TextEncoderConfig
 
 
 def _padded_mask(batch: int, length: int) -> Tensor:
@@ -55,21 +56,3 @@ def text_encoder_inputs(cfg: TextEncoderConfig, batch: int = 2, generator: torch
     ids = torch.randint(3, cfg.vocab_size, (batch, cfg.max_length), generator=generator, device="cpu")
     mask = _padded_mask(batch, cfg.max_length)
     return (ids * mask).to(device), mask.to(device)
-
-
-def part_inputs(cfg: CascadeConfig, part: str, batch: int = 1, generator: torch.Generator | None = None,
-                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], dict]:
-    """(args, kwargs) for one part of `cascade.PARTS` at the cascade's geometry (tokenizer: the whole clip)."""
-    if part == "text_encoder":
-        return list(text_encoder_inputs(cfg.text_encoder, batch, generator, device)), {}
-    if part in STAGE_NAMES:
-        text_length = cfg.text_encoder.max_length if cfg.text_encoder is not None else 16
-        return denoiser_inputs(getattr(cfg, part), batch, text_length=text_length, generator=generator,
-                               device=device, dtype=dtype)
-    if part == "tokenizer_encoder":
-        video = torch.rand(batch, 3, cfg.frames, cfg.height, cfg.width, generator=generator, device="cpu") * 2 - 1
-        return [video.to(device, dtype)], {}
-    if part == "tokenizer_decoder":
-        shape = cfg.tokenizer.latent_shape(cfg.frames, cfg.height, cfg.width)
-        return [torch.randn(batch, *shape, generator=generator, device="cpu").to(device, dtype)], {}
-    raise ValueError(f"unknown part {part!r}")

@@ -1,15 +1,17 @@
-"""ONNX export of a whole cascade into an artifact directory (shared/design.md §2-§5).
+"""ONNX export of a whole cascade into an artifact directory (docs/architecture.md §2, §5).
 
     DIR/manifest.json                       names, dtypes, shapes, files + sha256, latent stats, schedule, versions
     DIR/<model>.onnx                        canonical: `wattn::WindowAttention3D` nodes + their function body
     DIR/<model>.plugin.onnx                 (denoisers) body stripped: TensorRT uses the plugin
     DIR/<model>.fallback.onnx               (denoisers) body inlined: no custom op
-    DIR/<model>.fp16[.plugin|.fallback].onnx    with --fp16: float16 weights and compute, float32 inputs/outputs
+    DIR/<model>.fp16[.plugin|.fallback].onnx    with --fp16, for stages whose precision policy allows FP16:
+                                            float16 weights and compute, float32 inputs/outputs
     DIR/tokenizer/                          the text tokenizer's files, for a pretrained T5
 
-Models come from `export_specs` (names, dynamic dims). A model larger than `EXTERNAL_DATA_BYTES` keeps its
-weights in `<file>.data` beside it (ONNX's protobuf limit is 2 GB); its plugin and fallback variants share that file.
-Everything is written into a temporary directory beside `DIR` and renamed onto it when complete.
+Models come from `export_specs` (names, dynamic dims, precision policy, denoiser facts), which the manifest records.
+A model larger than `EXTERNAL_DATA_BYTES` keeps its weights in `<file>.data` beside it (ONNX's protobuf limit is 2
+GB); its plugin and fallback variants share that file. Everything is written into a temporary directory beside `DIR`
+and renamed onto it when complete.
 """
 
 from __future__ import annotations
@@ -34,21 +36,28 @@ from runtime.files import replace_directory
 from runtime.manifest import (
     MANIFEST,
     ArtifactError,
-    DataFile,
     LatentInfo,
     Manifest,
     ModelFile,
+    ScheduleInfo,
+    SourceInfo,
     StageInfo,
-    TensorInfo,
     TextInfo,
     parse_dim,
-    read_manifest,
-    sha256_of,
+    read_identity,
 )
 from walt_export.config import CascadeConfig
 from walt_export.export_specs import ExportSpec, export_specs
-from walt_export.onnx_variants import fallback_variant, fp16_variant, plugin_variant, window_attention_nodes
-from walt_export.window_attention import onnx_function, onnx_translation, register_onnx_schema
+from walt_export.onnx_files import data_files, save_model
+from walt_export.onnx_fp16 import fp16_variant
+from walt_export.window_attention.onnx_contract import (
+    check_model,
+    onnx_function,
+    register_onnx_schema,
+    window_attention_nodes,
+    write_attention_variants,
+)
+from walt_export.window_attention.op import onnx_translation
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +99,10 @@ def export_model(module: torch.nn.Module, spec: ExportSpec, path: Path,
         if len(arities) != 1:
             raise ValueError(f"{spec.name}: window-attention nodes with and without a bias in one model")
         model.functions.append(onnx_function(OPSET, with_bias=arities == {4}))
-    _save(model, path)
+    save_model(model, path)
     check_model(path)
     log.info("exported %s (%d wattn nodes) in %.1f s", path.name, len(nodes), time.perf_counter() - start)
     return model
-
-
-def check_model(path: Path) -> None:
-    """onnx.checker (full check) and strict shape inference on a saved model."""
-    register_onnx_schema()
-    onnx.checker.check_model(str(path), full_check=True)
-    with tempfile.TemporaryDirectory() as tmp:  # by path: works beyond 2 GB
-        onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"), strict_mode=True)
 
 
 def _dynamic_shapes(spec: ExportSpec) -> tuple[dict[int, object], ...]:
@@ -127,11 +128,11 @@ def _name_dims(model: onnx.ModelProto, spec: ExportSpec) -> None:
         names = [v.name for v in values]
         if names != [t.name for t in tensors]:
             raise ValueError(f"{spec.name}: exported {names}, the spec says {[t.name for t in tensors]}")
-        for value, tensor in zip(values, tensors):
+        for value, tensor in zip(values, tensors, strict=True):
             dims = value.type.tensor_type.shape.dim
             if len(dims) != len(tensor.shape):
                 raise ValueError(f"{spec.name}.{tensor.name}: exported rank {len(dims)}, the spec says {tensor.shape}")
-            for dim, want in zip(dims, tensor.shape):
+            for dim, want in zip(dims, tensor.shape, strict=True):
                 if isinstance(want, int):
                     if dim.HasField("dim_value") and dim.dim_value != want:
                         raise ValueError(f"{spec.name}.{tensor.name}: exported {dim.dim_value}, the spec says {want}")
@@ -149,31 +150,17 @@ def _drop_traces(model: onnx.ModelProto) -> None:
         node.metadata_props.extend(keep)
 
 
-def _save(model: onnx.ModelProto, path: Path, data: str | None = None) -> None:
-    """Save a model; `data` names a new external-data file for in-memory weights (existing references are kept)."""
-    if data is not None:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-
-
-def _data_files(model: onnx.ModelProto) -> list[str]:
-    locations = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations.update(e.value for e in tensor.external_data if e.key == "location")
-    return sorted(locations)
-
-
 def write_variants(spec: ExportSpec, canonical: onnx.ModelProto, directory: Path, fp16: bool) -> list[ModelFile]:
-    """Write the derived variants of a canonical model already saved in `directory`; returns every file's entry."""
+    """Write the derived variants of a canonical model already saved in `directory`; returns every file's entry.
+
+    FP16 files are written when `fp16` is set and the stage's precision policy allows FP16.
+    """
     precisions = [("fp32", canonical)]
-    if fp16:
+    if fp16 and "fp16" in spec.precision.allowed:
         half = fp16_variant(canonical, base_dir=directory)
         path = directory / f"{spec.name}.fp16.onnx"
-        large = bool(_data_files(canonical))
-        _save(half, path, data=f"{path.name}.data" if large else None)
+        large = bool(data_files(canonical))
+        save_model(half, path, data=f"{path.name}.data" if large else None)
         if large:
             half = onnx.load(str(path), load_external_data=False)
         check_model(path)
@@ -185,34 +172,10 @@ def write_variants(spec: ExportSpec, canonical: onnx.ModelProto, directory: Path
     return files
 
 
-def write_attention_variants(model: onnx.ModelProto, path: Path, precision: str,
-                             hashes: dict[str, str] | None = None) -> list[ModelFile]:
-    """Entries for a canonical model already saved at `path` and for its plugin and fallback variants, written
-    beside it as `<stem>.plugin.onnx` and `<stem>.fallback.onnx` when it has `wattn` nodes; they share its external
-    data. File names are relative to `path`'s directory; `hashes` caches data-file sha256s across calls."""
-    hashes = {} if hashes is None else hashes
-    variants = [("canonical", model)]
-    if window_attention_nodes(model):
-        variants += [("plugin", plugin_variant(model)), ("fallback", fallback_variant(model))]
-    files = []
-    for variant, m in variants:
-        out = path if variant == "canonical" else path.with_name(f"{path.stem}.{variant}.onnx")
-        if variant != "canonical":
-            _save(m, out)
-            if variant == "fallback":
-                check_model(out)
-        files.append(ModelFile(
-            file=out.name, sha256=sha256_of(out), precision=precision, variant=variant,
-            external_data=tuple(DataFile(file=d, sha256=hashes.setdefault(d, sha256_of(path.parent / d)))
-                                for d in _data_files(m)),
-            window_attention_nodes=len(window_attention_nodes(m)),
-        ))
-    return files
-
-
 # ---------------------------------------------------------------------------------------------------- artifacts
 def export_artifacts(cfg: CascadeConfig, components: Callable[[str], nn.Module | None], out: str | Path,
-                     source: dict, fp16: bool = False, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Manifest:
+                     source: SourceInfo | dict, fp16: bool = False,
+                     external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Manifest:
     """Export every model of a cascade into the artifact directory `out` and return its manifest.
 
     Args:
@@ -222,9 +185,10 @@ def export_artifacts(cfg: CascadeConfig, components: Callable[[str], nn.Module |
         out: the artifact directory; it must not exist, be empty, or hold an artifact of the same source.
         source: where the weights came from ({"preset": name, "seed": n} or {"checkpoint": path, "sha256": h});
             `verify` rebuilds the reference from it.
-        fp16: also write FP16 variants of every model.
+        fp16: also write FP16 variants of every stage whose precision policy allows FP16.
     """
     out = Path(out)
+    source = SourceInfo.model_validate(source)
     specs = export_specs(cfg)
     with _staging(out, cfg.name, source) as tmp:
         stages = {}
@@ -237,10 +201,9 @@ def export_artifacts(cfg: CascadeConfig, components: Callable[[str], nn.Module |
             gc.collect()
             for spec in group:
                 stages[spec.name] = StageInfo(
-                    module=spec.module,
-                    inputs=tuple(TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape) for t in spec.inputs),
-                    outputs=tuple(TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape) for t in spec.outputs),
-                    profile=spec.profile, files=tuple(write_variants(spec, canonical.pop(spec.name), tmp, fp16)),
+                    module=spec.module, inputs=spec.inputs, outputs=spec.outputs, profile=spec.profile,
+                    files=tuple(write_variants(spec, canonical.pop(spec.name), tmp, fp16)),
+                    precision=spec.precision, denoiser=spec.denoiser,
                 )
         manifest = _manifest(cfg, source, stages, tmp)
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -248,7 +211,7 @@ def export_artifacts(cfg: CascadeConfig, components: Callable[[str], nn.Module |
     return manifest
 
 
-def _manifest(cfg: CascadeConfig, source: dict, stages: dict[str, StageInfo], directory: Path) -> Manifest:
+def _manifest(cfg: CascadeConfig, source: SourceInfo, stages: dict[str, StageInfo], directory: Path) -> Manifest:
     tk, te = cfg.tokenizer, cfg.text_encoder
     c, t, h, w = tk.latent_shape(cfg.frames, cfg.height, cfg.width)
     text = None
@@ -264,8 +227,9 @@ def _manifest(cfg: CascadeConfig, source: dict, stages: dict[str, StageInfo], di
     return Manifest(
         name=cfg.name, source=source, config=cfg.model_dump(mode="json"),
         frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
-        latent=LatentInfo(channels=c, frames=t, height=h, width=w, mean=tk.latent_mean, std=tk.latent_std),
-        text=text, schedule=cfg.diffusion.model_dump(mode="json"), stages=stages, opset=OPSET,
+        latent=LatentInfo(channels=c, frames=t, height=h, width=w, mean=tk.latent_mean, std=tk.latent_std,
+                          temporal_factor=tk.temporal_factor, spatial_factor=tk.spatial_factor),
+        text=text, schedule=ScheduleInfo(**cfg.diffusion.model_dump()), stages=stages, opset=OPSET,
         exporter={name: _version(name) for name in ("walt-export", "torch", "onnx", "onnxscript", "onnxruntime")},
     )
 
@@ -278,15 +242,19 @@ def _version(package: str) -> str:
 
 
 @contextmanager
-def _staging(out: Path, name: str, source: dict) -> Iterator[Path]:
-    """A temporary directory beside `out`, renamed onto it when the block succeeds, removed when it fails."""
+def _staging(out: Path, name: str, source: SourceInfo) -> Iterator[Path]:
+    """A temporary directory beside `out`, renamed onto it when the block succeeds, removed when it fails.
+
+    `out` may be new, empty, or hold an artifact (of any format version) of the same weights, which is replaced.
+    """
     if out.exists():
         if not out.is_dir():
             raise ArtifactError(f"{out} is a file; pass a directory path as --out")
-        if (out / MANIFEST).is_file():
-            existing = read_manifest(out)
-            if (existing.name, existing.source) != (name, source):
-                raise ArtifactError(f"{out} already holds another artifact ({existing.name}, {existing.source}); "
+        existing = read_identity(out)
+        if existing is not None:
+            if existing != (name, source):
+                other = ", ".join(f"{k}={v}" for k, v in existing[1].model_dump(exclude_none=True).items())
+                raise ArtifactError(f"{out} already holds another artifact ({existing[0]}, {other}); "
                                     "pass a new --out directory or delete that one first")
         elif any(out.iterdir()):
             raise ArtifactError(f"{out} exists and is not an artifact directory; pass a new or empty --out directory")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,11 +20,10 @@ from torch import nn
 
 from runtime.compare import Tolerance, find_mismatch
 from runtime.files import atomic_output
-from runtime.manifest import ArtifactError, Manifest, StageInfo, check_file, read_manifest, sha256_of
+from runtime.manifest import StageInfo, check_file, read_manifest
 from runtime.runners import OnnxRuntimeRunner
-from walt_export.cascade import build_component
-from walt_export.config import CascadeConfig
 from walt_export.export_specs import BATCH, ExportSpec, export_specs
+from walt_export.torch_runner import reference_components
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +66,6 @@ class Check:
     worst: str  # the worst element when it failed
 
 
-def reference_components(manifest: Manifest, checkpoint: str | Path | None = None
-                         ) -> tuple[CascadeConfig, Callable[[str], nn.Module | None]]:
-    """(config, name -> PyTorch component) of the cascade an artifact was exported from: its checkpoint (sha256
-    checked) or its preset config and seed (one component at a time)."""
-    source = manifest.source
-    if source.get("checkpoint") is not None or checkpoint is not None:
-        from walt_export.checkpoint import load
-
-        path = Path(checkpoint or source["checkpoint"])
-        if not path.is_file():
-            raise ArtifactError(f"the artifact was exported from {path}, which is missing; pass --checkpoint PATH")
-        if source.get("sha256") and sha256_of(path) != source["sha256"]:
-            raise ArtifactError(f"{path} is not the checkpoint this artifact was exported from (sha256 differs)")
-        cascade = load(path)
-        return cascade.config, lambda name: getattr(cascade, name)
-    cfg = CascadeConfig.model_validate(manifest.config)
-    return cfg, lambda name: build_component(cfg, name, seed=int(source["seed"]))
-
-
 def verify_artifacts(directory: str | Path, checkpoint: str | Path | None = None, batches: tuple[int, ...] = (1, 2),
                      seed: int = 0, tolerances: dict[str, OutputTolerance] = TOLERANCES) -> list[Check]:
     """Run every runnable file of the artifact against PyTorch; writes `verify.json` and returns the checks."""
@@ -114,11 +93,11 @@ def _verify_stage(directory: Path, spec: ExportSpec, stage: StageInfo, module: n
         inputs = spec.sample_inputs(torch.Generator().manual_seed(seed), **{BATCH: batch})
         with torch.no_grad():
             expected = [t.numpy() for t in spec.call(module, *inputs)]
-        feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)}
+        feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
         for file in runnable:
             with OnnxRuntimeRunner(paths[file.file]) as runner:
                 actual = runner.infer(feeds)
-            for out, ref in zip(spec.outputs, expected):
+            for out, ref in zip(spec.outputs, expected, strict=True):
                 checks.append(_check(spec.name, file.file, file.precision, file.variant, batch, out.name,
                                      actual[out.name], ref, tolerances[file.precision].at(ref)))
     return checks

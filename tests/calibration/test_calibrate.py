@@ -15,7 +15,6 @@ from calibration.report import Gates, failures, psnr
 from runtime.manifest import ArtifactError, read_manifest
 from runtime.pipeline import Pipeline
 from walt_export.cli import main as walt_export
-from walt_export.onnx_export import write_attention_variants
 
 SMALL = {"samples": 2, "held_out": 1, "timesteps": 4}  # the micro cascade: 50 steps per stage
 
@@ -31,7 +30,7 @@ def _copy(micro_artifacts, tmp_path_factory, name: str):
 def calibrated(micro_artifacts, tmp_path_factory):
     """A copy of the micro artifact calibrated once at the default gates: (directory, report)."""
     copy = _copy(micro_artifacts, tmp_path_factory, "int8")
-    return copy, calibrate_artifacts(copy, write_attention_variants, **SMALL)
+    return copy, calibrate_artifacts(copy, **SMALL)
 
 
 def test_calibration_data_is_deterministic_and_spans_the_schedule(micro_artifacts):
@@ -42,12 +41,12 @@ def test_calibration_data_is_deterministic_and_spans_the_schedule(micro_artifact
     other, _ = capture(directory, requests(manifest, 1, seed=4), timesteps=5)
     assert set(first) == {"base", "sr1", "sr2", "tokenizer_encoder", "tokenizer_decoder", "tokenizer_decoder_step"}
     for stage, feeds in first.items():
-        for a, b, c in zip(feeds, again[stage], other[stage]):
+        for a, b, c in zip(feeds, again[stage], other[stage], strict=True):
             assert a.keys() == b.keys()
             assert all(np.array_equal(a[k], b[k]) for k in a), stage
             assert not all(np.array_equal(a[k], c[k]) for k in a if k != "timestep"), f"{stage}: seed ignored"
     timesteps = [float(f["timestep"][0]) for f in first["base"]]
-    steps = manifest.schedule["num_inference_steps"]
+    steps = manifest.schedule.num_inference_steps
     assert len(timesteps) == 5 and timesteps == sorted(timesteps, reverse=True)
     assert timesteps[0] >= 0.95 * 1000 and timesteps[-1] <= 1000 / steps  # pure noise to the last step
     assert first["base"][0]["latent"].shape[0] == 2  # the CFG batch, as the stage really runs
@@ -60,7 +59,7 @@ def test_calibration_data_is_deterministic_and_spans_the_schedule(micro_artifact
 def test_same_seed_gives_the_same_scales(calibrated, micro_artifacts, tmp_path_factory):
     directory, _ = calibrated
     again = _copy(micro_artifacts, tmp_path_factory, "again")
-    calibrate_artifacts(again, write_attention_variants, **SMALL)
+    calibrate_artifacts(again, **SMALL)
     for cache in sorted((directory / INT8_DIR).glob("*.calibration.json")):
         assert json.loads(cache.read_text()) == json.loads((again / INT8_DIR / cache.name).read_text()), cache.name
     scales = [_scales(d / INT8_DIR / "base.onnx") for d in (directory, again)]
@@ -185,16 +184,16 @@ def test_bad_requests_are_explained(micro_artifacts, tmp_path, capsys):
 
 def test_tensorrt_rtx_builds_the_int8_engines(calibrated):
     trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (extra trt-rtx)")
-    from walt_export.engines import build_engines
-    from walt_export.tensorrt_build import network_layers
+    from walt_export.engine_build import build_engines, network_layers
 
     directory, _ = calibrated
     out, decisions = build_engines(directory, "int8", trt=trt)
-    assert [d["decision"] for d in decisions] == ["built"] * 7
+    assert [d.built for d in decisions] == [True] * 7
     registry = json.loads((out / "build.json").read_text())["engines"]
-    assert registry["base"]["source_file"] == "int8/base.fallback.onnx"
-    assert registry["tokenizer_decoder"]["source_file"] == "int8/tokenizer_decoder.onnx"
-    assert registry["text_encoder"]["source_file"] == "text_encoder.fp16.onnx"  # not quantized: FP16
+    assert registry["base.int8.plan"]["source_file"] == "int8/base.fallback.onnx"
+    assert registry["tokenizer_decoder.int8.plan"]["source_file"] == "int8/tokenizer_decoder.onnx"
+    text = registry["text_encoder.fp32.plan"]  # the policy: T5 stays FP32, for INT8 requests too
+    assert (text["source_file"], text["precision"]) == ("text_encoder.onnx", "fp32")
     kinds = {kind for _, kind in network_layers(directory / "int8/base.fallback.onnx", trt)}
     assert {"QUANTIZE", "DEQUANTIZE", "MATRIX_MULTIPLY", "SOFTMAX"} <= kinds, kinds
 

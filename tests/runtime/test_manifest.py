@@ -1,6 +1,7 @@
 """The manifest schema: reading, version and hash checks, named dims; and a failed export leaves nothing."""
 
 import json
+import re
 
 import pytest
 
@@ -23,13 +24,27 @@ def edited(tmp_path, directory, **changes):
     return tmp_path
 
 
+def test_a_manifest_of_the_previous_version_is_refused_with_the_re_export_command(tmp_path, micro_artifacts):
+    directory, _ = micro_artifacts
+    previous = edited(tmp_path, directory, format_version=1, source={"preset": "micro", "seed": 0})
+    with pytest.raises(ArtifactError, match=re.escape(
+            f"format version 1, this version of walt-export reads version 2; re-export it with this version of "
+            f"walt-export: `walt-export onnx --preset micro --seed 0 --out {tmp_path} --fp16`")):
+        read_manifest(previous)
+    from_checkpoint = edited(tmp_path, directory, format_version=1, source={"checkpoint": "/c/m.safetensors",
+                                                                           "sha256": "ab"})
+    with pytest.raises(ArtifactError, match=re.escape(f"`walt-export onnx --checkpoint /c/m.safetensors --out "
+                                                      f"{tmp_path} --fp16`")):
+        read_manifest(from_checkpoint)
+
+
 def test_other_format_version_or_format_is_refused(tmp_path, micro_artifacts):
     directory, _ = micro_artifacts
-    with pytest.raises(ArtifactError, match="format version 2, this version of walt-export reads version 1; re-export"):
-        read_manifest(edited(tmp_path, directory, format_version=2))
+    with pytest.raises(ArtifactError, match="format version 3, this version of walt-export reads version 2; re-export"):
+        read_manifest(edited(tmp_path, directory, format_version=3))
     with pytest.raises(ArtifactError, match="not a walt-export-artifact document"):
         read_manifest(edited(tmp_path, directory, format="something-else"))
-    with pytest.raises(ArtifactError, match="does not match the manifest schema: stages"):
+    with pytest.raises(ArtifactError, match="does not match the walt-export-artifact schema: stages"):
         read_manifest(edited(tmp_path, directory, stages=[]))
     with pytest.raises(ArtifactError, match="no manifest.json"):
         read_manifest(tmp_path / "nowhere")
@@ -64,3 +79,23 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, micro, monkeypatch):
         onnx_export.export_artifacts(micro.config, lambda name: getattr(micro, name), tmp_path / "art",
                                      {"preset": "micro", "seed": 0})
     assert list(tmp_path.iterdir()) == []  # neither the artifact nor its temporary directory
+
+
+def test_the_re_export_command_may_replace_an_artifact_of_the_previous_version(tmp_path, micro_artifacts):
+    """The command the refusal names writes into the same directory: the exporter accepts an old artifact of the
+    same weights there, and refuses one of other weights."""
+    from runtime.manifest import SourceInfo
+    from walt_export.onnx_export import _staging
+
+    directory, _ = micro_artifacts
+    old = tmp_path / "old"
+    old.mkdir()
+    edited(old, directory, format_version=1, source={"preset": "micro", "seed": 0})
+    with _staging(old, "micro", SourceInfo(preset="micro", seed=0)) as staged:
+        (staged / "manifest.json").write_text("{}")
+    assert (old / "manifest.json").read_text() == "{}" and not [p for p in tmp_path.iterdir() if p.name[0] == "."]
+    (tmp_path / "other").mkdir()
+    other = edited(tmp_path / "other", directory, format_version=1, source={"preset": "micro", "seed": 0})
+    with pytest.raises(ArtifactError, match=r"already holds another artifact \(micro, preset=micro, seed=0\)"):
+        with _staging(other, "micro", SourceInfo(preset="micro", seed=1)):
+            pass

@@ -40,7 +40,7 @@ def test_onnxruntime_and_pytorch_give_the_same_latents_and_frames(micro_artifact
     assert actual.frames.shape == (13, 128, 128, 3) and actual.frames.dtype == np.uint8
     for stage in ("base", "sr1", "sr2"):
         assert len(actual.latents[stage]) == 2  # two clips: the second continues the first
-        for clip, (a, e) in enumerate(zip(actual.latents[stage], expected.latents[stage])):
+        for clip, (a, e) in enumerate(zip(actual.latents[stage], expected.latents[stage], strict=True)):
             assert_close(a, e, LATENT_TOL, f"{stage} latent of clip {clip}")
     assert np.abs(actual.frames.astype(int) - expected.frames).max() <= 1  # rounding to uint8
 

@@ -47,12 +47,17 @@ def test_exact_v_recovers_x0_in_one_step(t):
         assert_close(prev, scheduler.add_noise(x0, noise, scheduler.previous_timestep(t)), TOL, "x_prev")
 
 
-def test_from_schedule_reads_the_manifest_and_refuses_others():
+def test_from_schedule_reads_the_manifest_whose_schema_refuses_other_samplers():
+    from pydantic import ValidationError
+
+    from runtime.manifest import ScheduleInfo
+
     schedule = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                    rescale_zero_terminal_snr=True, prediction_type="v", timestep_spacing="trailing")
-    assert DDIMScheduler.from_schedule(schedule).alphas_cumprod[-1] == 0.0
-    with pytest.raises(ValueError, match="'prediction_type': 'epsilon'"):
-        DDIMScheduler.from_schedule(schedule | {"prediction_type": "epsilon"})
+                    rescale_zero_terminal_snr=True, prediction_type="v", timestep_spacing="trailing",
+                    num_inference_steps=50, guidance_scale=7.5)
+    assert DDIMScheduler.from_schedule(ScheduleInfo(**schedule)).alphas_cumprod[-1] == 0.0
+    with pytest.raises(ValidationError, match="prediction_type"):
+        ScheduleInfo(**schedule | {"prediction_type": "epsilon"})
 
 
 def test_guidance():

@@ -6,19 +6,37 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from runtime.compare import Tolerance, assert_close
-from runtime.engine_registry import (BUILD_JSON, ENGINES, detect_target, find_plan, import_tensorrt, read_registry,
-                                     write_registry)
-from runtime.manifest import ArtifactError, StageInfo, TensorInfo, sha256_of
+from runtime.engine_registry import (
+    BUILD_JSON,
+    ENGINES,
+    EngineEntry,
+    Registry,
+    check_engine_precision,
+    detect_target,
+    find_plan,
+    import_tensorrt,
+    read_registry,
+    write_registry,
+)
+from runtime.errors import UsageError
+from runtime.manifest import ArtifactError, PrecisionPolicy, StageInfo, TensorInfo, sha256_of
 from runtime.runners import make_runner
-from runtime.tensorrt_runner import (Buffer, CudaError, TensorRTRunner, TensorSpec, buffer_plan, buffers_to_grow,
-                                     check_feeds, is_frozen)
+from runtime.tensorrt_runner import (
+    Buffer,
+    CudaError,
+    EngineTensor,
+    TensorRTRunner,
+    buffer_plan,
+    buffers_to_grow,
+    check_feeds,
+    is_frozen,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_GPU = shutil.which("nvidia-smi") is not None
@@ -26,11 +44,11 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on th
 F32, I64 = np.dtype(np.float32), np.dtype(np.int64)
 LATENT = (8, 3, 4, 4)
 SPECS = [  # a denoiser's interface, as TensorRT declares it: batch dynamic within the profile (1, 2, 8)
-    TensorSpec("latent", True, F32, (-1, *LATENT), ((1, *LATENT), (2, *LATENT), (8, *LATENT))),
-    TensorSpec("timestep", True, F32, (-1,), ((1,), (2,), (8,))),
-    TensorSpec("text_mask", True, I64, (-1, 16), ((1, 16), (2, 16), (8, 16))),
-    TensorSpec("scale", True, F32, (1,)),
-    TensorSpec("v", False, F32, (-1, *LATENT)),
+    EngineTensor("latent", True, F32, (-1, *LATENT), ((1, *LATENT), (2, *LATENT), (8, *LATENT))),
+    EngineTensor("timestep", True, F32, (-1,), ((1,), (2,), (8,))),
+    EngineTensor("text_mask", True, I64, (-1, 16), ((1, 16), (2, 16), (8, 16))),
+    EngineTensor("scale", True, F32, (1,)),
+    EngineTensor("v", False, F32, (-1, *LATENT)),
 ]
 PLAN = "base.fp16.plan"
 TRT_TOLERANCE = Tolerance(atol=2e-3, rtol=2e-3)  # one small matmul: FP32 engines may run it in TF32
@@ -135,9 +153,11 @@ def register(out: Path, stage: str, precision: str, target, content: bytes = b"a
     out.mkdir(parents=True, exist_ok=True)
     plan = out / f"{stage}.{precision}.plan"
     plan.write_bytes(content)
-    registry = read_registry(out) | {stage: {**asdict(target), "precision": precision, "plan": plan.name,
-                                             "plan_sha256": sha256_of(plan)}}
-    write_registry(out, registry)
+    entry = EngineEntry(stage=stage, precision=precision, source_file=f"{stage}.onnx", source_sha256="0" * 64,
+                        attention=None, profile={"batch": (1, 2, 8)}, plugin_version="1", target=target,
+                        plan=plan.name, plan_sha256=sha256_of(plan), build_seconds=0.1)
+    registry = read_registry(out)
+    write_registry(out, registry.model_copy(update={"engines": {**registry.engines, plan.name: entry}}))
     return plan
 
 
@@ -149,9 +169,9 @@ def test_find_plan_without_engines_names_the_command(trt, tmp_path):
             f"{artifact} has no engines for this machine ({target}; it has no engines); build them here with "
             f"`walt-export engines --artifacts {artifact} --precision int8`")):
         find_plan(artifact, "base", "int8", trt)
-    with pytest.raises(ValueError, match=r"TensorRT plans are fp16 or int8 \(`walt-export engines --precision`\), "
-                                         r"not 'fp32'"):
-        find_plan(artifact, "base", "fp32", trt)
+    with pytest.raises(UsageError, match=r"TensorRT plans are built for fp16 or int8 \(`walt-export engines "
+                                         r"--precision`\), not 'fp32'"):
+        check_engine_precision("fp32")
 
 
 def test_find_plan_says_which_machines_have_engines(trt, tmp_path):
@@ -177,21 +197,28 @@ def test_find_plan_finds_checks_and_refuses(trt, tmp_path):
     plan.write_bytes(b"another plan")
     with pytest.raises(ArtifactError, match="does not match its build.json"):
         find_plan(artifact, "base", "fp16", trt)
-    orin = type(target)("tensorrt", "10.3.0", "Orin", "8.7")
+    orin = type(target)(tensorrt="tensorrt", version="10.3.0", device="Orin", compute_capability="8.7")
     register(out, "base", "fp16", orin)  # a plan copied here from a Jetson
     with pytest.raises(ArtifactError, match=r"base\.fp16\.plan was built for orin-sm87-trt10\.3\.0, this machine is"):
         find_plan(artifact, "base", "fp16", trt)
 
 
-def test_registry_lives_in_the_runtime(tmp_path, caplog):
-    from walt_export import engines, tensorrt_build
+def test_registry_lives_in_the_runtime(trt, tmp_path):
+    from walt_export import engine_build
 
-    assert tensorrt_build.import_tensorrt is import_tensorrt and engines.detect_target is detect_target
-    write_registry(tmp_path, {"base": {"plan": PLAN}})
-    assert read_registry(tmp_path) == {"base": {"plan": PLAN}}
-    assert json.loads((tmp_path / BUILD_JSON).read_text()) == {"engines": {"base": {"plan": PLAN}}}
+    assert engine_build.import_tensorrt is import_tensorrt and engine_build.detect_target is detect_target
+    assert read_registry(tmp_path) == Registry()  # no build.json yet: nothing built
+    plan = register(tmp_path, "base", "fp16", detect_target(trt))
+    assert read_registry(tmp_path).engines[plan.name].plan_sha256 == sha256_of(plan)
+    saved = json.loads((tmp_path / BUILD_JSON).read_text())
+    assert saved["format"] == "walt-export-engines" and list(saved["engines"]) == ["base.fp16.plan"]
     (tmp_path / BUILD_JSON).write_text("{not json")
-    assert read_registry(tmp_path) == {} and "unreadable" in caplog.text
+    with pytest.raises(ArtifactError, match=r"build\.json is not readable JSON .*; delete it and rebuild the engines "
+                                            r"with `walt-export engines"):
+        read_registry(tmp_path)
+    (tmp_path / BUILD_JSON).write_text(json.dumps(saved | {"engines": {"base.fp16.plan": {"plan": PLAN}}}))
+    with pytest.raises(ArtifactError, match=r"does not match the walt-export-engines schema: engines\.base\.fp16\.plan\."):
+        read_registry(tmp_path)
 
 
 def test_runtime_imports_tensorrt_and_cuda_only_when_a_runner_opens():
@@ -223,6 +250,7 @@ def tiny_model(directory: Path) -> tuple[Path, StageInfo]:
     path = directory / "tiny.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
     stage = StageInfo(module="tiny", profile={"batch": (1, 2, 8)}, files=(),
+                      precision=PrecisionPolicy(allowed=("fp32",)),
                       inputs=(TensorInfo(name="x", dtype="float32", shape=("batch", 4)),
                               TensorInfo(name="k", dtype="int64", shape=("batch",))),
                       outputs=(TensorInfo(name="y", dtype="float32", shape=("batch", 3)),
@@ -233,7 +261,7 @@ def tiny_model(directory: Path) -> tuple[Path, StageInfo]:
 @pytest.fixture(scope="module")
 def tiny(trt, tmp_path_factory):
     """(ONNX path, plan path) of the tiny model, built by this machine's TensorRT (TensorRT-RTX: on the CPU)."""
-    from walt_export.tensorrt_build import build_engine
+    from walt_export.engine_build import build_engine
 
     directory = tmp_path_factory.mktemp("tiny")
     onnx_path, stage = tiny_model(directory)
@@ -321,7 +349,7 @@ def test_frozen_feeds_skip_copies_and_writable_views_do_not(cudart, trt, tiny):
 @needs_gpu
 @pytest.mark.parametrize("stage", ["base", "tokenizer_decoder"])
 def test_micro_plans_match_onnxruntime(cudart, trt, micro_artifacts, tmp_path, stage):
-    from walt_export.tensorrt_build import build_engine
+    from walt_export.engine_build import build_engine
 
     directory, manifest = micro_artifacts
     info = manifest.stage(stage)

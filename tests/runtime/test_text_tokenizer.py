@@ -4,6 +4,7 @@ import sys
 import numpy as np
 import pytest
 
+from runtime.manifest import ArtifactError
 from runtime.text_tokenizer import ByteTokenizer, PretrainedTokenizer, load_text_tokenizer
 from tests.t5_fixtures import WORDS, write_tokenizer_json
 
@@ -56,7 +57,7 @@ def test_sentencepiece_model(tmp_path):
 
 
 def test_directory_without_tokenizer_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expected tokenizer.json or spiece.model"):
+    with pytest.raises(ArtifactError, match="expected tokenizer.json or spiece.model"):
         PretrainedTokenizer(tmp_path, 8)
 
 

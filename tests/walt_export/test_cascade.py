@@ -5,7 +5,7 @@ import walt_export
 
 
 def test_public_api_of_a_text_cascade(micro):
-    assert list(micro.stages()) == ["base", "sr1", "sr2"]
+    assert list(micro.denoisers()) == ["base", "sr1", "sr2"]
     assert micro.text_encoder is not None and not micro.training
     states, mask = micro.encode_text(["a cat", ""])
     assert states.shape == (2, 16, 32) and mask.tolist()[1][:2] == [1, 0]
@@ -45,25 +45,25 @@ def test_summary_names_every_part(micro):
     assert f"{sum(p.numel() for p in micro.parameters()):,}" in text
 
 
-# walt-spec.md §5: rough cost of one t2v forward at batch 1, TFLOP (2 per multiply-add), and the allowed deviation
+# docs/model_spec.md §5: rough cost of one t2v forward at batch 1, TFLOP (2 per multiply-add), and the allowed deviation
 SPEC_TFLOP = {"base": 15.0, "sr1": 5.6, "sr2": 1.8, "tokenizer_decoder": 170.0}
 SPEC_TFLOP_TOLERANCE = 0.20
 
 
-@pytest.mark.parametrize("part", list(SPEC_TFLOP))
-def test_t2v_compute_matches_the_spec_estimates(part):
+@pytest.mark.parametrize("stage", list(SPEC_TFLOP))
+def test_t2v_compute_matches_the_spec_estimates(stage):
     """Counted on the meta device: window sizes, token grids and widths give the paper's cost."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from walt_export.cascade import build_part
-    from walt_export.inputs import part_inputs
+    from walt_export.cascade import build_component
+    from walt_export.export_specs import BATCH, export_specs
 
     cfg = walt_export.PRESETS["t2v"]
-    with torch.device("meta"):
-        module = build_part(cfg, part)
-    args, kwargs = part_inputs(cfg, part, batch=1, device="meta")
+    spec = export_specs(cfg)[stage]
+    module = spec.module_of(build_component(cfg, spec.component, device="meta"))
+    inputs = [x.to("meta") for x in spec.sample_inputs(torch.Generator().manual_seed(0), **{BATCH: 1})]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(*args, **kwargs)
+        spec.call(module, *inputs)
     tflop = counter.get_total_flops() / 1e12
-    deviation = tflop / SPEC_TFLOP[part] - 1
-    assert abs(deviation) <= SPEC_TFLOP_TOLERANCE, f"{part}: {tflop:.2f} TFLOP, {deviation:+.0%} from ~{SPEC_TFLOP[part]}"
+    deviation = tflop / SPEC_TFLOP[stage] - 1
+    assert abs(deviation) <= SPEC_TFLOP_TOLERANCE, f"{stage}: {tflop:.2f} TFLOP, {deviation:+.0%} from ~{SPEC_TFLOP[stage]}"

@@ -45,8 +45,8 @@ def test_paper_geometry_of_t2v_and_tiny():
         cfg = PRESETS[name]
         assert (cfg.frames, cfg.height, cfg.width, cfg.fps) == (17, 512, 896, 8.0)
         assert cfg.tokenizer.latent_shape(17, 512, 896) == (8, 5, 64, 112)
-        assert [s.latent_size for s in cfg.stages().values()] == [(5, 16, 28), (5, 32, 56), (5, 64, 112)]
-        assert {s.token_grid for s in cfg.stages().values()} == {(5, 16, 28)}
+        assert [s.latent_size for s in cfg.denoisers().values()] == [(5, 16, 28), (5, 32, 56), (5, 64, 112)]
+        assert {s.token_grid for s in cfg.denoisers().values()} == {(5, 16, 28)}
         assert cfg.base.window == (5, 8, 14)
 
 

@@ -7,7 +7,7 @@ import walt_export
 from runtime.compare import Tolerance, assert_close
 from tests.walt_export.test_window_attention import qkv, reference
 from walt_export.inputs import denoiser_inputs
-from walt_export.window_attention import resolve_window, window_attention
+from walt_export.window_attention.op import resolve_window, window_attention
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
@@ -43,7 +43,7 @@ def test_micro_cascade_on_cuda_matches_cpu(micro, generator):
     gpu = walt_export.build("micro", device="cuda")
     for name, tensor in micro.state_dict().items():  # weights depend on the seed only
         assert torch.equal(gpu.state_dict()[name].cpu(), tensor), name
-    for name, stage in micro.stages().items():
+    for name, stage in micro.denoisers().items():
         args, kwargs = denoiser_inputs(stage.config, generator=generator)
         expected = stage(*args, **kwargs)
         out = getattr(gpu, name)(*(a.cuda() for a in args), **{k: v.cuda() for k, v in kwargs.items()})

@@ -110,7 +110,7 @@ def test_relative_position_index_is_a_bijection_of_offsets():
     coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in window), indexing="ij")).flatten(1)  # (3, L)
     offsets = (coords[:, :, None] - coords[:, None, :]).reshape(3, -1).T.tolist()  # (L*L, 3)
     table_row = {}
-    for offset, row in zip(offsets, index.flatten().tolist()):
+    for offset, row in zip(offsets, index.flatten().tolist(), strict=True):
         assert table_row.setdefault(tuple(offset), row) == row, f"offset {offset} maps to two rows"
     assert sorted(table_row.values()) == list(range(3 * 5 * 7))  # every offset its own row, the table exactly
 

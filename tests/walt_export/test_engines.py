@@ -5,10 +5,9 @@ import shutil
 
 import pytest
 
-from runtime.engine_registry import BUILD_JSON, Target, check_plan, detect_target, find_plan
+from runtime.engine_registry import BUILD_JSON, Target, check_plan, detect_target, find_plan, read_registry
 from runtime.manifest import ArtifactError
-from walt_export.engines import build_engines
-from walt_export.tensorrt_build import network_layers
+from walt_export.engine_build import build_engines, network_layers
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (extra trt-rtx)")
 
@@ -27,25 +26,40 @@ def test_fp16_engines_per_stage_with_their_registry(built):
     artifact, out, decisions = built
     assert out.name == detect_target(trt).directory_name == f"cpu-aot-trtrtx{trt.__version__}"
     assert out.parent == artifact / "engines"
-    assert [d["decision"] for d in decisions] == ["built"] * 7
+    assert [d.built for d in decisions] == [True] * 7
     assert not (artifact.parent / "timing.cache").exists()  # TensorRT-RTX has no timing cache: logged, ignored
-    registry = json.loads((out / BUILD_JSON).read_text())["engines"]
-    assert registry["base"]["source_file"] == "base.fp16.fallback.onnx" and registry["base"]["precision"] == "fp16"
-    assert registry["tokenizer_decoder"]["source_file"] == "tokenizer_decoder.fp16.onnx"
-    assert registry["base"]["profile"]["batch"] == [1, 2, 8] and registry["base"]["plugin_version"] == "1"
-    assert all((out / entry["plan"]).stat().st_size > 10_000 for entry in registry.values())
+    registry = json.loads((out / BUILD_JSON).read_text())
+    assert (registry["format"], registry["format_version"]) == ("walt-export-engines", 1)
+    engines = registry["engines"]  # keyed by plan file
+    assert engines["base.fp16.plan"]["source_file"] == "base.fp16.fallback.onnx"
+    assert engines["base.fp16.plan"]["precision"] == "fp16"
+    assert engines["tokenizer_decoder.fp16.plan"]["source_file"] == "tokenizer_decoder.fp16.onnx"
+    assert engines["base.fp16.plan"]["profile"]["batch"] == [1, 2, 8]
+    assert engines["base.fp16.plan"]["plugin_version"] == "1"
+    assert all((out / entry["plan"]).stat().st_size > 10_000 for entry in engines.values())
+
+
+def test_the_text_encoder_plan_is_fp32_from_the_fp32_source(built):
+    """The precision policy: T5 runs in FP32 on every backend, so `--precision fp16` builds it from FP32 ONNX."""
+    artifact, out, decisions = built
+    text = next(d for d in decisions if d.stage == "text_encoder")
+    assert text.plan == out / "text_encoder.fp32.plan"
+    entry = read_registry(out).engines["text_encoder.fp32.plan"]
+    assert (entry.source_file, entry.precision) == ("text_encoder.onnx", "fp32")
+    assert not (out / "text_encoder.fp16.plan").exists()
+    assert find_plan(artifact, "text_encoder", "fp32", trt, requested="fp16") == text.plan
 
 
 def test_unchanged_engines_are_reused(built):
     artifact, _, _ = built
     _, again = build_engines(artifact, "fp16", trt=trt)
-    assert [d["decision"] for d in again] == ["reused"] * 7
+    assert [d.built for d in again] == [False] * 7
 
 
 def test_plans_of_another_device_or_tensorrt_are_refused(built):
     _, out, _ = built
-    assert check_plan(out / "base.fp16.plan", trt)["precision"] == "fp16"
-    orin = Target("tensorrt", "10.3.0", "Orin", "8.7")
+    assert check_plan(out / "base.fp16.plan", trt).precision == "fp16"
+    orin = Target(tensorrt="tensorrt", version="10.3.0", device="Orin", compute_capability="8.7")
     with pytest.raises(ArtifactError, match=r"was built for cpu-aot-trtrtx.*this machine is orin-sm87-trt10.3.0; "
                                             r"rebuild with `walt-export engines"):
         check_plan(out / "base.fp16.plan", trt, orin)
@@ -73,14 +87,27 @@ def test_parser_layers_of_the_fallback_fp16_denoiser(built):
     assert {"MATRIX_MULTIPLY", "SOFTMAX", "SHUFFLE"} <= kinds, kinds
 
 
+def test_a_corrupt_registry_is_refused_naming_it_and_the_rebuild(built, tmp_path):
+    artifact, out, _ = built
+    copy = tmp_path / "engines"
+    shutil.copytree(out, copy)
+    (copy / BUILD_JSON).write_text('{"engines": {"base": ')  # truncated
+    with pytest.raises(ArtifactError, match=r"build\.json is not readable JSON .*delete it and rebuild the engines "
+                                            r"with `walt-export engines --artifacts"):
+        read_registry(copy)
+    (copy / BUILD_JSON).write_text(json.dumps({"engines": {}}))  # the unversioned registry of earlier releases
+    with pytest.raises(ArtifactError, match="is not a walt-export-engines document"):
+        check_plan(copy / "base.fp16.plan", trt)
+
+
 def test_changed_sources_and_damaged_plans_are_rebuilt(built):  # last: it edits the registry
     artifact, out, _ = built
-    registry = json.loads((out / BUILD_JSON).read_text())["engines"]
-    registry["sr1"]["source_sha256"] = "0" * 64  # as if sr1 had been re-exported
-    (out / BUILD_JSON).write_text(json.dumps({"engines": registry}))
+    registry = json.loads((out / BUILD_JSON).read_text())
+    registry["engines"]["sr1.fp16.plan"]["source_sha256"] = "0" * 64  # as if sr1 had been re-exported
+    (out / BUILD_JSON).write_text(json.dumps(registry))
     (out / "sr2.fp16.plan").write_bytes(b"truncated")
     with pytest.raises(ArtifactError, match="does not match its build.json"):
         check_plan(out / "sr2.fp16.plan", trt)
     _, decisions = build_engines(artifact, "fp16", trt=trt)
-    reasons = {d["stage"]: d.get("reason") for d in decisions if d["decision"] == "built"}
+    reasons = {d.stage: d.reason for d in decisions if d.built}
     assert reasons == {"sr1": "source_sha256 changed", "sr2": "the plan file is missing or modified"}

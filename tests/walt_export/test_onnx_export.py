@@ -12,12 +12,19 @@ import torch
 
 from runtime.manifest import check_file, read_manifest
 from runtime.runners import OnnxRuntimeRunner
-from walt_export.config import STAGE_NAMES
+from walt_export.config import DENOISER_NAMES
 from walt_export.export_specs import BATCH, LATENT_FRAMES, export_specs
-from walt_export.onnx_export import check_model, export_model
-from walt_export.onnx_variants import MAX_RANK, window_attention_nodes
+from walt_export.onnx_export import export_model
 from walt_export.verify import VERIFY_JSON, OutputTolerance, verify_artifacts
-from walt_export.window_attention import OP_DOMAIN, PLUGIN_VERSION, SPATIAL_WINDOW, register_onnx_schema
+from walt_export.window_attention.onnx_contract import (
+    MAX_RANK,
+    OP_DOMAIN,
+    PLUGIN_VERSION,
+    check_model,
+    register_onnx_schema,
+    window_attention_nodes,
+)
+from walt_export.window_attention.op import SPATIAL_WINDOW
 
 
 def files_of(manifest, variants=("canonical", "plugin", "fallback")):
@@ -35,15 +42,35 @@ def test_manifest_lists_every_model_with_named_dims(micro_artifacts, micro):
     assert base.inputs[0].shape == (BATCH, 8, 3, 4, 4)
     assert manifest.stage("tokenizer_decoder").outputs[0].shape == (BATCH, 3, f"4*{LATENT_FRAMES} - 3", 128, 128)
     assert (manifest.latent.frames, manifest.latent.height, manifest.latent.width) == (3, 16, 16)
-    assert manifest.schedule["num_inference_steps"] == micro.config.diffusion.num_inference_steps
+    assert manifest.schedule.num_inference_steps == micro.config.diffusion.num_inference_steps
     assert manifest.exporter["onnx"] == onnx.__version__ and manifest.opset == 20
     for name, f in files_of(manifest):
         check_file(directory, f)  # exists, sha256 matches
         model = onnx.load(str(directory / f.file), load_external_data=False)
         stage = manifest.stage(name)
-        for value, spec in zip(model.graph.input, stage.inputs):  # the ONNX file carries the manifest's dims
+        for value, spec in zip(model.graph.input, stage.inputs, strict=True):  # the file carries the manifest's dims
             assert value.name == spec.name
             assert tuple(d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim) == spec.shape
+
+
+def test_manifest_records_the_typed_contract_the_runtime_reads(micro_artifacts, micro):
+    _, manifest = micro_artifacts
+    cfg = micro.config
+    assert (manifest.latent.temporal_factor, manifest.latent.spatial_factor) == (4, 8)
+    assert list(manifest.denoisers) == ["base", "sr1", "sr2"]
+    for name, info in manifest.denoisers.items():
+        denoiser = getattr(cfg, name)
+        assert (info.latent_channels, info.latent_size) == (denoiser.latent_channels, denoiser.latent_size)
+        assert info.conditioning == "text" and info.num_classes is None
+    assert manifest.denoisers["base"].noise_aug_level is None
+    assert manifest.denoisers["sr2"].noise_aug_level == cfg.sr2.noise_aug_level
+    text = manifest.stage("text_encoder")
+    assert text.precision.allowed == ("fp32",) and "diffusers#8604" in text.precision.reason
+    assert text.precision.resolve("fp16") == text.precision.resolve("int8") == "fp32"
+    assert text.precisions == {"fp32"}  # --fp16 wrote no FP16 text encoder
+    for name, stage in manifest.stages.items():
+        if name != "text_encoder":
+            assert stage.precision.allowed == ("fp32", "fp16", "int8") and stage.precisions == {"fp32", "fp16"}
 
 
 def test_every_file_passes_the_full_checker_and_strict_shape_inference(micro_artifacts):
@@ -55,7 +82,7 @@ def test_every_file_passes_the_full_checker_and_strict_shape_inference(micro_art
 def test_denoisers_hold_one_wattn_node_per_layer_with_the_contract_attributes(micro_artifacts, micro):
     directory, manifest = micro_artifacts
     register_onnx_schema()
-    for stage in STAGE_NAMES:
+    for stage in DENOISER_NAMES:
         cfg = getattr(micro.config, stage)
         model = onnx.load(str(directory / f"{stage}.onnx"))
         nodes = window_attention_nodes(model)
@@ -107,7 +134,7 @@ def test_onnxruntime_matches_pytorch_for_every_stage_variant_precision_and_two_b
     runnable = files_of(manifest, ("canonical", "fallback"))
     outputs = {(c.file, c.batch) for c in checks}
     assert outputs == {(f.file, b) for _, f in runnable for b in (1, 2)}  # every runnable file at both batches
-    fp32 = [c for c in checks if c.precision == "fp32" and c.stage in STAGE_NAMES]
+    fp32 = [c for c in checks if c.precision == "fp32" and c.stage in DENOISER_NAMES]
     assert max(c.max_abs for c in fp32) < 1e-4  # the bar for the canonical fp32 denoisers
     saved = json.loads((directory / VERIFY_JSON).read_text())
     assert len(saved["checks"]) == len(checks)
@@ -149,7 +176,7 @@ def test_external_data_for_large_models(micro, tmp_path):
     inputs = spec.sample_inputs(torch.Generator().manual_seed(0), batch=1)
     with torch.no_grad():
         expected = micro.base(*inputs[:5], text=inputs[5], text_mask=inputs[6]).numpy()
-    feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)}
+    feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
     for name in ("base.onnx", "base.fallback.onnx"):
         with OnnxRuntimeRunner(tmp_path / name) as runner:
             np.testing.assert_allclose(runner.infer(feeds)["v"], expected, atol=1e-5)
@@ -170,7 +197,7 @@ def test_polygraphy_runs_the_exported_files_on_onnxruntime(micro_artifacts, vari
 
 def test_tensorrt_rtx_builds_engines_of_the_fallback_and_fp16_files(micro_artifacts):
     trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (extra trt-rtx)")
-    from walt_export.tensorrt_build import EngineBuildError, build_engine
+    from walt_export.engine_build import EngineBuildError, build_engine
 
     directory, manifest = micro_artifacts
     built = []

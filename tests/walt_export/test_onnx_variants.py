@@ -9,8 +9,17 @@ from onnx import TensorProto, helper
 from runtime.compare import Tolerance, assert_close
 from runtime.runners import OnnxRuntimeRunner
 from tests.walt_export.test_window_attention import CASES, qkv, reference
-from walt_export.onnx_variants import fallback_variant, fp16_variant, plugin_variant, window_attention_nodes
-from walt_export.window_attention import OP_DOMAIN, OP_TYPE, onnx_function, register_onnx_schema, resolve_window
+from walt_export.onnx_fp16 import fp16_variant
+from walt_export.window_attention.onnx_contract import (
+    OP_DOMAIN,
+    OP_TYPE,
+    fallback_variant,
+    onnx_function,
+    plugin_variant,
+    register_onnx_schema,
+    window_attention_nodes,
+)
+from walt_export.window_attention.op import resolve_window
 
 ONNX_TOLERANCES = {"fp32": Tolerance(atol=1e-5, rtol=1e-5), "fp16": Tolerance(atol=5e-3, rtol=5e-3)}
 OPSET = 20

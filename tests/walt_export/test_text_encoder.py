@@ -4,7 +4,8 @@ import torch
 import walt_export
 from runtime.compare import Tolerance, assert_close
 from tests.t5_fixtures import write_t5_directory
-from walt_export.checkpoint import CheckpointError, load_pretrained_t5, read_pretrained_t5_config
+from walt_export.models.text_encoder import load_pretrained_t5, read_pretrained_t5_config
+from walt_export.state_dict import CheckpointError
 from walt_export.models.text_encoder import T5Encoder, relative_position_bucket
 
 TOL = Tolerance(atol=1e-5, rtol=1e-5)

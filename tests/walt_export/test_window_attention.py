@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from runtime.compare import Tolerance, assert_close
-from walt_export.window_attention import SPATIAL_WINDOW, merge, partition, resolve_window, window_attention
+from walt_export.window_attention.op import SPATIAL_WINDOW, merge, partition, resolve_window, window_attention
 
 TOLERANCES = {torch.float32: Tolerance(atol=1e-5, rtol=1e-5), torch.float64: Tolerance(atol=1e-12, rtol=1e-12)}
 # (token grid (T, H, W), window); -1 = full extent

@@ -7,8 +7,8 @@ pytest.importorskip("triton", reason="triton is not installed (extra kernels)") 
 
 from runtime.compare import Tolerance, assert_close  # noqa: E402
 from tests.walt_export.test_window_attention import qkv  # noqa: E402
-from walt_export.window_attention import SPATIAL_WINDOW, resolve_window, window_attention  # noqa: E402
-from walt_export.window_attention_kernel import window_attention_triton  # noqa: E402
+from walt_export.window_attention.op import SPATIAL_WINDOW, resolve_window, window_attention  # noqa: E402
+from walt_export.window_attention.kernel import window_attention_triton  # noqa: E402
 
 TOLERANCES = {torch.float32: Tolerance(atol=1e-5, rtol=1e-5), torch.float16: Tolerance(atol=2e-3, rtol=2e-3)}
 # (token grid (T, H, W), window, head dim): spatial and spatiotemporal, a head dim that is not a power of two,
@@ -43,7 +43,7 @@ def test_ahead_of_time_ptx_in_tensorrt_launch_order():
 
     script = """
 import json, re
-from walt_export.window_attention_kernel import AOT_INT_ARGS, compile_aot
+from walt_export.window_attention.kernel import AOT_INT_ARGS, compile_aot
 out = []
 for dtype, cc, length in (("fp16", 87, 448), ("fp32", 90, None)):
     k = compile_aot(dtype, 0.125, 64, length, compute_capability=cc)
@@ -56,7 +56,7 @@ print(json.dumps(out))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    for result, target in zip(json.loads(done.stdout.splitlines()[-1]), ("sm_87", "sm_90a")):
+    for result, target in zip(json.loads(done.stdout.splitlines()[-1]), ("sm_87", "sm_90a"), strict=True):
         ptr, i32 = "u64 .ptr", "u32"
         assert result["target"] == target
         assert result["params"] == [ptr] * 4 + [i32] * result["ints"] + [ptr] + [ptr] * 2, result["params"]

@@ -11,8 +11,8 @@ if shutil.which("nvidia-smi") is None:
 
 
 def test_plugin_engines_build_for_the_plugin_variant(micro_artifacts, tmp_path):
-    from walt_export.engines import build_engines
-    from walt_export.window_attention_plugin import register_plugin
+    from walt_export.engine_build import build_engines
+    from walt_export.window_attention.plugin import register_plugin
 
     directory, _ = micro_artifacts
     copy = tmp_path / "micro"
@@ -20,4 +20,4 @@ def test_plugin_engines_build_for_the_plugin_variant(micro_artifacts, tmp_path):
     register_plugin()
     register_plugin()  # idempotent
     _, decisions = build_engines(copy, "fp16", attention="plugin", trt=trt)
-    assert [d["decision"] for d in decisions] == ["built"] * 7
+    assert [d.built for d in decisions] == [True] * 7

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from walt_export.config import DenoiserConfig
-from walt_export.window_attention import SPATIAL_WINDOW, Window, merge, partition, window_attention
+from walt_export.window_attention.op import SPATIAL_WINDOW, Window, merge, partition, window_attention
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -1,4 +1,4 @@
-"""The super-resolution denoiser: W.A.L.T plus the previous stage's latent, upsampled inside the model [P §4.5].
+"""The super-resolution denoiser: W.A.L.T plus the previous denoiser's latent, upsampled inside the model [P §4.5].
 
 The low-res latent (B, c, T, H/f, W/f) is upsampled x f by a learned depth-to-space convolution and joins the
 input channels; its noise-augmentation timestep t_sr is embedded like the diffusion timestep and added to the

@@ -3,19 +3,26 @@
 Architecture of T5 / T5 v1.1 (Raffel et al. 2020): token embedding; per layer pre-RMSNorm self-attention without
 score scaling, with a learned bucketed relative-position bias shared by all layers, and a pre-RMSNorm feed-forward
 (ReLU, or gated GELU for v1.1); a final RMSNorm. Weights load from a local Hugging Face T5 directory
-(`checkpoint.load_pretrained_t5`) or from a walt-export checkpoint; the small presets initialise it at random.
+(`load_pretrained_t5`, at the end of this file) or from a walt-export checkpoint; the small presets initialise it at
+random.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from walt_export.config import TextEncoderConfig
+from walt_export.state_dict import CheckpointError, config_differences, load_state_dict_checked
+
+log = logging.getLogger(__name__)
 
 
 class T5RMSNorm(nn.Module):
@@ -146,3 +153,55 @@ def convert_hf_state_dict(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor
             if not _HF_SKIPPED.match(name):
                 unknown.append(name)
     return ours, unknown
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face T5 import
+def read_pretrained_t5_config(directory: str | Path, max_length: int = 128) -> TextEncoderConfig:
+    """The `TextEncoderConfig` of a local Hugging Face T5 directory (its `config.json`)."""
+    directory = Path(directory)
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{directory} is not a T5 checkpoint directory: {cfg_file.name} is missing")
+    hf = json.loads(cfg_file.read_text())
+    ff = hf.get("feed_forward_proj", "relu")
+    if ff not in ("relu", "gated-gelu"):
+        raise CheckpointError(f"{cfg_file}: feed_forward_proj {ff!r} is not supported (relu, gated-gelu)")
+    fields = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+              "relative_attention_max_distance", "layer_norm_epsilon")
+    return TextEncoderConfig(**{k: hf[k] for k in fields if k in hf}, feed_forward_proj=ff, max_length=max_length,
+                             pretrained_dir=str(directory))
+
+
+def load_pretrained_t5(encoder: T5Encoder, directory: str | Path) -> None:
+    """Load the encoder weights of a local Hugging Face T5 directory (`*.safetensors` or `pytorch_model*.bin`)."""
+    directory = Path(directory)
+    found = read_pretrained_t5_config(directory, encoder.config.max_length)
+    differences = config_differences(found.model_dump(exclude={"pretrained_dir"}),
+                               encoder.config.model_dump(exclude={"pretrained_dir"}))
+    if differences:
+        raise CheckpointError(f"T5 in {directory} does not match the text encoder config (checkpoint vs config):\n  - "
+                              + "\n  - ".join(differences)
+                              + "\nuse walt_export.models.text_encoder.read_pretrained_t5_config(dir) for the config")
+    hf_state = _read_hf_weights(directory)
+    state, unknown = convert_hf_state_dict(hf_state)
+    if unknown:
+        raise CheckpointError(f"{directory} has weights that are not T5 encoder weights: "
+                              f"{', '.join(sorted(unknown)[:20])}")
+    load_state_dict_checked(encoder, state, str(directory))
+    log.info("loaded T5 encoder weights from %s", directory)
+
+
+def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    try:
+        if files:
+            return {k: v for f in files for k, v in load_file(str(f)).items()}
+    except SafetensorError as e:
+        raise CheckpointError(f"T5 weights in {directory} are truncated or corrupt ({e})") from e
+    files = sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"no T5 weights in {directory}: expected *.safetensors or pytorch_model*.bin")
+    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}

@@ -1,6 +1,6 @@
 """A Triton kernel of `wattn::WindowAttention3D`: flash attention inside each window (the plugin's implementation).
 
-Same contract as `window_attention.py` (shared/design.md §3): q, k, v `[N, T, H, W, d]` contiguous, N = batch x
+Same contract as the op in `op.py` (docs/window_attention_op.md §1): q, k, v `[N, T, H, W, d]` contiguous, N = batch x
 heads batch-major, windows `(wt, wh, ww)` (-1 = full extent), optional relative-position bias `[heads, L, L]`.
 One program handles BLOCK_M queries of one window and streams that window's keys in BLOCK_N blocks with an online
 softmax (running max and sum, float32 accumulators), so no L x L matrix is ever stored. The window partition is
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from walt_export.window_attention import check_inputs
+from walt_export.window_attention.op import check_inputs
 
 
 @triton.jit

@@ -1,18 +1,19 @@
 """The `wattn::WindowAttention3D` TensorRT plugin: the Triton kernel behind TensorRT's Python plugin API (QDP).
 
 `register_plugin()` registers, once per process, a plugin named `WindowAttention3D` in namespace `wattn`, version
-"1" (QDP's default), as design.md §3 requires, with the fields `window` (int32[3], -1 = full extent) and `scale`
-(float). TensorRT's ONNX parser maps every `wattn` node of a model's *plugin* variant to it; build engines with
-`walt-export engines --attention plugin` after registering (the engine builder does it). The implementation is JIT:
-TensorRT calls back into Python with device buffers and the stream, and the kernel runs on that stream; engines
-that use it need this module imported (and registered) wherever they are deserialized.
+"1" (QDP's default), as the op contract requires (docs/window_attention_op.md §4), with the fields `window`
+(int32[3], -1 = full extent) and `scale` (float). TensorRT's ONNX parser maps every `wattn` node of a model's
+*plugin* variant to it; build engines with `walt-export engines --attention plugin` after registering (the engine
+builder does it). The implementation is JIT: TensorRT calls back into Python with device buffers and the stream, and
+the kernel runs on that stream; engines that use it need this module imported (and registered) wherever they are
+deserialized.
 
 Requires TensorRT >= 10.9 with `tensorrt.plugin` (not TensorRT-RTX, which has no plugins, and not JetPack 6's
 TensorRT 10.3: there the route is a C++ IPluginV3 with the same name, namespace, version and fields, loaded by
 `trtexec --dynamicPlugins` or `IPluginRegistry.load_library`; see docs/jetpack6_plugin.md).
 
 An ahead-of-time implementation is registered too (`trtp.aot_impl`, TensorRT >= 10.9): the same kernel compiled to
-PTX by `window_attention_kernel.compile_aot` with the scale compiled in and the shapes passed as symbolic int32
+PTX by `kernel.compile_aot` with the scale compiled in and the shapes passed as symbolic int32
 extras, so engines built with it run without Python (trtexec, C++). TensorRT picks AOT or JIT per its
 `PREFER_AOT_PYTHON_PLUGINS` / `PREFER_JIT_PYTHON_PLUGINS` builder flags. The PTX compiles on a CPU (tested); its
 launch by TensorRT is unverified, and Triton 3.x kernels carry two trailing scratch-pointer parameters that
@@ -27,7 +28,7 @@ it has not run here: no full TensorRT or GPU on the development machines.
 import logging
 from typing import List, Tuple, Union  # QDP validates the hints as objects: no `from __future__ import annotations` here
 
-from walt_export.window_attention import OP_DOMAIN, OP_TYPE
+from walt_export.window_attention.onnx_contract import OP_DOMAIN, OP_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def register_plugin() -> None:
             scale: float, outputs: Tuple[trtp.Tensor], stream: int) -> None:
         import torch
 
-        from walt_export.window_attention_kernel import window_attention_triton
+        from walt_export.window_attention.kernel import window_attention_triton
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             tq, tk, tv, tb = (torch.as_tensor(t, device="cuda") for t in (q, k, v, bias))
@@ -72,7 +73,7 @@ def register_plugin() -> None:
                                           trtp.SymExprs]:
         import tensorrt as trt
 
-        from walt_export.window_attention_kernel import compile_aot
+        from walt_export.window_attention.kernel import compile_aot
 
         shape = [q.shape_expr[i] for i in range(5)]  # N, T, H, W, d
         head_dim = _constant(shape[4])

@@ -1,13 +1,10 @@
-"""The derived ONNX variants of an exported model: pure ONNX transformations of the canonical model.
+"""The FP16 variant of an exported model: float16 weights and compute behind float32 inputs and outputs.
 
-- **plugin**: the `wattn` function body stripped, so TensorRT must use the registered `WindowAttention3D`
-  plugin (the only path on TensorRT <= 10.6, i.e. JetPack 6).
-- **fallback**: the function inlined, so no custom op is left (plugin-free TensorRT; every tensor rank <= 8).
-- **fp16**: weights and compute in float16 with float32 inputs and outputs (TensorRT 11 is strongly typed, so
-  FP16 must already be in the ONNX). Float32 stays where float16 breaks: the sinusoidal timestep features
-  (t * freq with t up to 1000 needs more than float16's 11-bit mantissa), the statistics of decomposed norms
-  (Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal: a squared activation above 256 overflows float16), and every
-  op whose schema has no float16 type.
+TensorRT 11 and TensorRT-RTX are strongly typed, so FP16 must already be in the ONNX (docs/tensorrt.md §5).
+Float32 stays where float16 breaks: the sinusoidal timestep features (t * freq with t up to 1000 needs more than
+float16's 11-bit mantissa), the statistics of decomposed norms (Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal: a
+squared activation above 256 overflows float16), and every op whose schema has no float16 type. A pure ONNX
+transformation; the plugin and fallback variants of the result come from `window_attention.onnx_contract`.
 """
 
 from __future__ import annotations
@@ -19,43 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
-
-from walt_export.window_attention import OP_DOMAIN, OP_TYPE
 
 log = logging.getLogger(__name__)
 
-MAX_RANK = 8  # TensorRT's Dims64::MAX_DIMS
 _FP32_SEEDS = {"Sin", "Cos"}  # these and everything that feeds them stay float32
 _NORM_STATISTICS = ("Pow", {"ReduceMean", "ReduceSum", "Add", "Sqrt", "Reciprocal"}, "Reciprocal")  # start, chain, end
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
-
-
-def window_attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.domain == OP_DOMAIN and n.op_type == OP_TYPE]
-
-
-def plugin_variant(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its `wattn` function bodies: TensorRT resolves each node to the plugin."""
-    out = copy.deepcopy(model)
-    keep = [f for f in out.functions if f.domain != OP_DOMAIN]
-    del out.functions[:]
-    out.functions.extend(keep)
-    return out
-
-
-def fallback_variant(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its local functions inlined: plain ONNX ops only, every tensor of rank <= 8."""
-    out = onnx.inliner.inline_local_functions(model)
-    del out.opset_import[:]
-    out.opset_import.extend(o for o in model.opset_import if o.domain != OP_DOMAIN)
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim)
-             for vi in onnx.shape_inference.infer_shapes(out).graph.value_info}
-    too_deep = {name: rank for name, rank in ranks.items() if rank > MAX_RANK}
-    if too_deep:
-        raise ValueError(f"the inlined model has tensors of rank > {MAX_RANK}, which TensorRT rejects: {too_deep}")
-    return out
 
 
 def fp16_variant(model: onnx.ModelProto, base_dir: str | Path | None = None) -> onnx.ModelProto:
@@ -167,8 +134,9 @@ def _has_fp16_kernel_type(node: onnx.NodeProto, opset: int) -> bool:
         schema = onnx.defs.get_schema(node.op_type, opset if node.domain in ("", "ai.onnx") else 1, node.domain)
     except onnx.defs.SchemaError:
         return True  # unknown to onnx: leave it to the runtime
-    used = {p.type_str for p, name in zip(schema.inputs, node.input) if name}
-    used |= {p.type_str for p, name in zip(schema.outputs, node.output) if name}
+    # lengths differ by design: a variadic parameter covers several inputs, optional ones may be absent
+    used = {p.type_str for p, name in zip(schema.inputs, node.input, strict=False) if name}
+    used |= {p.type_str for p, name in zip(schema.outputs, node.output, strict=False) if name}
     return all("tensor(float16)" in c.allowed_type_strs for c in schema.type_constraints
                if c.type_param_str in used and "tensor(float)" in c.allowed_type_strs)
 

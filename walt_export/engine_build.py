@@ -1,0 +1,243 @@
+"""`walt-export engines`: one TensorRT engine per stage in `DIR/engines/<gpu>-sm<cc>-trt<version>/`, with a registry.
+
+Two layers. `build_engine` parses one ONNX file with TensorRT's ONNX parser and builds a serialized engine for the
+stage's profile, through Polygraphy's loaders (NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork), which
+handle full TensorRT (`tensorrt`, GPU machines) and TensorRT-RTX (`tensorrt_rtx`, which also builds ahead of time on
+a CPU, without plugins) alike. `build_engines` builds every stage of an artifact and keeps the registry
+(`runtime.engine_registry`, shared with the runtime that runs the plans): a plan is reused only while its source
+file, precision, attention path, profile, plugin version and target are unchanged; otherwise it is rebuilt and a log
+line says why.
+
+Precision (docs/architecture.md §5, docs/tensorrt.md §5, §7): each stage's plan has the precision its policy gives
+the requested one, so the text encoder gets an FP32 plan for `--precision fp16` and `int8` alike. TensorRT 11 and
+TensorRT-RTX are strongly typed, so FP16 comes from the artifact's FP16 ONNX files; TensorRT 10.x builds the FP32
+files with its FP16 builder flag. INT8 comes from the Q/DQ files of `walt-export calibrate` (with the FP16 flag on
+TensorRT 10.x, so the layers left unquantized run in FP16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import get_args
+
+from runtime.engine_registry import (
+    ENGINES,
+    Attention,
+    EngineEntry,
+    EngineKey,
+    check_engine_precision,
+    detect_target,
+    import_tensorrt,
+    plan_name,
+    read_registry,
+    write_registry,
+)
+from runtime.errors import UsageError, WaltExportError, import_optional
+from runtime.files import atomic_output
+from runtime.manifest import ArtifactError, ModelFile, Precision, StageInfo, check_file, read_manifest, sha256_of
+from walt_export.window_attention.onnx_contract import PLUGIN_VERSION
+
+log = logging.getLogger(__name__)
+
+ATTENTION: tuple[Attention, ...] = get_args(Attention)  # the choices of `--attention`
+
+
+# ------------------------------------------------------------------------------------------------ one stage
+class EngineBuildError(WaltExportError, RuntimeError):
+    """The ONNX parser or the builder refused a model; the message carries TensorRT's own errors."""
+
+
+def profile_shapes(stage: StageInfo) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """input name -> (min, opt, max) shapes, from the stage's dynamic-dim profile."""
+    dims = [{name: bounds[i] for name, bounds in stage.profile.items()} for i in range(3)]
+    return {t.name: tuple(t.concrete(d) for d in dims) for t in stage.inputs}  # type: ignore[misc]
+
+
+def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None = None,
+                 workspace_bytes: int | None = None, fp16_flag: bool = False,
+                 timing_cache: str | Path | None = None) -> bytes:
+    """Parse `onnx_path` (external data beside it) and build a serialized engine for the stage's profile.
+
+    Built with Polygraphy's loaders (NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork), for
+    TensorRT or TensorRT-RTX alike.
+
+    Args:
+        fp16_flag: TensorRT 10.x only: a weakly typed network with the FP16 builder flag (FP32 ONNX in, FP16
+            kernels allowed). Otherwise the network is strongly typed: the ONNX file's types are the engine's.
+        timing_cache: a file read before the build (if it exists) and written back after it (full TensorRT).
+    """
+    trt = trt or import_tensorrt()
+    loaders, logger = _polygraphy(trt)
+    profile = loaders.Profile()
+    for name, (low, opt, high) in profile_shapes(stage).items():
+        profile.add(name, low, opt, high)
+    if timing_cache is not None and trt.__name__ == "tensorrt_rtx":
+        log.info("ignoring the timing cache %s: TensorRT-RTX has none (its timing-cache calls are no-ops)", timing_cache)
+        timing_cache = None
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and not fp16_flag
+    with _polygraphy_errors(logger, f"TensorRT could not build an engine from {Path(onnx_path).name}"):
+        network = loaders.NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
+        config = loaders.CreateConfig(
+            fp16=fp16_flag, profiles=[profile],
+            memory_pool_limits=None if workspace_bytes is None else {trt.MemoryPoolType.WORKSPACE: workspace_bytes},
+            load_timing_cache=str(timing_cache) if timing_cache and Path(timing_cache).is_file() else None,
+        )
+        if timing_cache is None:
+            engine = loaders.EngineBytesFromNetwork(network, config)()
+        else:
+            with atomic_output(timing_cache) as tmp:
+                engine = loaders.EngineBytesFromNetwork(network, config, save_timing_cache=str(tmp))()
+    log.info("built an engine from %s: %d bytes", Path(onnx_path).name, engine.nbytes)
+    return bytes(engine)
+
+
+def network_layers(onnx_path: str | Path, trt: ModuleType | None = None) -> list[tuple[str, str]]:
+    """(name, layer type) of every layer TensorRT's parser makes of a file (what the engine is built from;
+    inspecting the built engine itself needs a GPU)."""
+    loaders, logger = _polygraphy(trt or import_tensorrt())
+    with _polygraphy_errors(logger, f"TensorRT cannot parse {Path(onnx_path).name}"):
+        _, network, _ = loaders.NetworkFromOnnxPath(str(onnx_path))()
+    return [(network.get_layer(i).name, str(network.get_layer(i).type).split(".")[-1]) for i in range(network.num_layers)]
+
+
+@contextlib.contextmanager
+def _polygraphy_errors(logger, failure: str) -> Iterator[None]:
+    """Polygraphy's console output captured (TensorRT's messages pass through it): on success it goes to the debug
+    log; Polygraphy's failure (PolygraphyException) becomes an EngineBuildError carrying TensorRT's error lines."""
+    from polygraphy.exception import PolygraphyException
+
+    output = io.StringIO()
+    try:
+        with logger.verbosity(logger.INFO if log.isEnabledFor(logging.DEBUG) else logger.WARNING), \
+                contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            yield
+    except PolygraphyException as e:
+        errors = [line.strip() for line in output.getvalue().splitlines() if line.startswith(("[E]", "[!]"))]
+        raise EngineBuildError(f"{failure}: {'; '.join(errors) or e}") from None
+    finally:
+        if output.getvalue().strip():
+            log.debug("polygraphy: %s", output.getvalue().strip())
+
+
+def _polygraphy(trt: ModuleType):
+    """Polygraphy's TensorRT loaders bound to `trt` (it picks TensorRT-RTX by a flag read when its TensorRT
+    backend is first imported), and its logger."""
+    settings = import_optional("polygraphy.config", "pip install 'walt-export[trt-rtx]' (or [tools])")
+    from polygraphy.logger import G_LOGGER
+
+    rtx = trt.__name__ == "tensorrt_rtx"
+    if "polygraphy.backend.trt" in sys.modules and settings.USE_TENSORRT_RTX != rtx:
+        raise UsageError(f"Polygraphy is already bound to {'TensorRT-RTX' if not rtx else 'TensorRT'} in this "
+                         f"process; use one TensorRT per process")
+    settings.USE_TENSORRT_RTX = rtx
+    from polygraphy.backend import trt as loaders
+
+    return loaders, G_LOGGER
+
+
+# ------------------------------------------------------------------------------------------------ every stage
+@dataclass(frozen=True)
+class EngineDecision:
+    """What `build_engines` did for one stage."""
+
+    stage: str
+    plan: Path
+    reason: str | None  # why the plan was built; None when the registered one was reused
+
+    @property
+    def built(self) -> bool:
+        return self.reason is not None
+
+
+def source_file(stage: StageInfo, requested: Precision, attention: Attention,
+                weakly_typed: bool) -> tuple[Precision, ModelFile, bool]:
+    """(the plan's precision, the ONNX file it is built from, whether the FP16 builder flag is needed).
+
+    The plan's precision is the stage's policy applied to `requested`. INT8 plans are built from the Q/DQ files
+    of `walt-export calibrate`, on TensorRT 10.x (`weakly_typed`) with the FP16 flag too; FP16 plans on TensorRT
+    10.x from the FP32 files with the FP16 flag; everything else from the file of the plan's precision.
+    """
+    precision = stage.precision.resolve(requested)
+    variant = attention if stage.has_window_attention else "canonical"
+    if precision == "int8":
+        return precision, stage.file("int8", variant), weakly_typed
+    if precision == "fp16" and weakly_typed:
+        return precision, stage.file("fp32", variant), True
+    return precision, stage.file(precision, variant), False
+
+
+def build_engines(directory: str | Path, precision: Precision = "fp16", attention: Attention = "fallback",
+                  workspace_gb: float | None = None, timing_cache: str | Path | None = None,
+                  trt: ModuleType | None = None) -> tuple[Path, list[EngineDecision]]:
+    """Build (or reuse) one engine per stage; returns the engine directory and one decision per stage.
+
+    Raises UsageError for a precision or attention path this cannot build, ArtifactError when the artifact lacks
+    what they need (INT8 files, a plugin-capable TensorRT), EngineBuildError when TensorRT refuses a model.
+    """
+    directory = Path(directory)
+    check_engine_precision(precision)
+    if attention not in ATTENTION:
+        raise UsageError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    manifest = read_manifest(directory)
+    trt = trt or import_tensorrt()
+    if attention == "plugin":
+        if trt.__name__ == "tensorrt_rtx":
+            raise ArtifactError("TensorRT-RTX has no plugins: build --attention fallback, or use full TensorRT with "
+                                "the wattn plugin registered")
+        from walt_export.window_attention.plugin import register_plugin
+
+        register_plugin()  # the parser maps the plugin variant's wattn nodes to it
+    if precision == "int8" and "int8" not in manifest.precisions:
+        raise ArtifactError(f"{directory} has no INT8 Q/DQ files; calibrate it first with `walt-export calibrate "
+                            f"--artifacts {directory}`, or build --precision fp16")
+    target = detect_target(trt)
+    out = directory / ENGINES / target.directory_name
+    out.mkdir(parents=True, exist_ok=True)
+    registry = read_registry(out)
+    weakly_typed = hasattr(trt.BuilderFlag, "FP16")
+    decisions = []
+    for name, stage in manifest.stages.items():
+        plan_precision, model, fp16_flag = source_file(stage, precision, attention, weakly_typed)
+        check_file(directory, model)
+        wanted = EngineKey(stage=name, precision=plan_precision, source_file=model.file, source_sha256=model.sha256,
+                           attention=attention if stage.has_window_attention else None, profile=stage.profile,
+                           plugin_version=PLUGIN_VERSION, target=target)
+        plan = out / plan_name(name, plan_precision)
+        reason = _rebuild_reason(registry.engines.get(plan.name), wanted, plan)
+        if reason is None:
+            log.info("%s: reusing %s", name, plan.name)
+            decisions.append(EngineDecision(name, plan, None))
+            continue
+        log.info("%s: building %s (%s)", name, plan.name, reason)
+        start = time.perf_counter()
+        serialized = build_engine(directory / model.file, stage, trt, _workspace(workspace_gb), fp16_flag,
+                                  timing_cache)
+        with atomic_output(plan) as tmp:
+            tmp.write_bytes(serialized)
+        entry = EngineEntry(**wanted.model_dump(), plan=plan.name, plan_sha256=sha256_of(plan),
+                            build_seconds=round(time.perf_counter() - start, 3))
+        registry = registry.model_copy(update={"engines": {**registry.engines, plan.name: entry}})
+        write_registry(out, registry)
+        decisions.append(EngineDecision(name, plan, reason))
+    return out, decisions
+
+
+def _rebuild_reason(entry: EngineEntry | None, wanted: EngineKey, plan: Path) -> str | None:
+    if entry is None:
+        return "no engine yet"
+    if not plan.is_file() or sha256_of(plan) != entry.plan_sha256:
+        return "the plan file is missing or modified"
+    changed = [key for key in EngineKey.model_fields if getattr(entry, key) != getattr(wanted, key)]
+    return f"{', '.join(changed)} changed" if changed else None
+
+
+def _workspace(gb: float | None) -> int | None:
+    return None if gb is None else int(gb * 2**30)
