@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
         p.add_argument("--device", default="cpu", help="cpu, cuda, or tensorrt (onnxruntime's TensorRT EP)")
         p.add_argument("--precision", choices=get_args(Precision), default="fp32",
-                       help="which files to run (fp16: an artifact exported with --fp16; int8: one calibrated "
-                            "with `walt-export calibrate`)")
+                       help="which files to run, default fp32 (fp16: an artifact exported with --fp16; int8: one "
+                            "calibrated with `walt-export calibrate`; the TensorRT backend runs fp16 or int8 plans)")
         p.add_argument("--threads", type=int, default=0, help="CPU threads per model (0: onnxruntime decides)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

@@ -81,7 +81,7 @@ class EngineKey(_Schema):
     source_sha256: str
     attention: Attention | None  # denoisers: the variant compiled; None for stages without window attention
     profile: dict[str, tuple[int, int, int]]  # dynamic dim -> (min, opt, max)
-    plugin_version: str
+    plugin_version: str | None  # the wattn plugin's version; None for stages without window attention
     target: Target
 
 

@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     engines = sub.add_parser("engines", help="build one TensorRT engine per stage (reused while nothing changed)")
     engines.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
     engines.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp16",
-                         help="int8 needs `walt-export calibrate` first; the text encoder's plan is FP32 for both")
+                         help="default fp16 (needs an artifact exported with --fp16, except on TensorRT 10.x); int8 "
+                              "needs `walt-export calibrate` first; the text encoder's plan is FP32 for both")
     engines.add_argument("--attention", choices=get_args(Attention), default="fallback",
                          help="denoisers: the inlined attention (default) or the wattn plugin")
     engines.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (Jetson: keep it small)")

@@ -203,13 +203,18 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
     out.mkdir(parents=True, exist_ok=True)
     registry = read_registry(out)
     weakly_typed = hasattr(trt.BuilderFlag, "FP16")
+    if precision == "fp16" and not weakly_typed and "fp16" not in manifest.precisions:
+        raise ArtifactError(f"{directory} has no FP16 files, which {trt.__name__} {trt.__version__} (strongly typed) "
+                            f"builds FP16 engines from; re-export it with "
+                            f"`{manifest.source.export_command(directory, fp16=True)}`, or build --precision int8 "
+                            "after `walt-export calibrate`")
     decisions = []
     for name, stage in manifest.stages.items():
         plan_precision, model, fp16_flag = source_file(stage, precision, attention, weakly_typed)
         check_file(directory, model)
         wanted = EngineKey(stage=name, precision=plan_precision, source_file=model.file, source_sha256=model.sha256,
                            attention=attention if stage.has_window_attention else None, profile=stage.profile,
-                           plugin_version=PLUGIN_VERSION, target=target)
+                           plugin_version=PLUGIN_VERSION if stage.has_window_attention else None, target=target)
         plan = out / plan_name(name, plan_precision)
         reason = _rebuild_reason(registry.engines.get(plan.name), wanted, plan)
         if reason is None:

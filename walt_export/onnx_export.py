@@ -65,6 +65,7 @@ OPSET = 20  # default-domain opset of every model (and of the wattn function bod
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to external data (ONNX's hard limit is 2 GB)
 SAMPLE_SEED = 0  # seed of the sample inputs traced by the exporter
 _TRACE_KEYS = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"}
+DERIVED = ("engines", "int8", "verify.json")  # what later commands add to an artifact directory
 
 
 def export_model(module: torch.nn.Module, spec: ExportSpec, path: Path,
@@ -256,6 +257,10 @@ def _staging(out: Path, name: str, source: SourceInfo) -> Iterator[Path]:
                 other = ", ".join(f"{k}={v}" for k, v in existing[1].model_dump(exclude_none=True).items())
                 raise ArtifactError(f"{out} already holds another artifact ({existing[0]}, {other}); "
                                     "pass a new --out directory or delete that one first")
+            derived = sorted(p.name for p in out.iterdir() if p.name in DERIVED)
+            if derived:  # they belong to the files being replaced
+                log.warning("re-exporting %s replaces it as a whole: %s will be gone (rebuild with `walt-export "
+                            "verify`, `calibrate`, `engines`)", out, ", ".join(derived))
         elif any(out.iterdir()):
             raise ArtifactError(f"{out} exists and is not an artifact directory; pass a new or empty --out directory")
     try:

@@ -81,7 +81,7 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, micro, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the artifact nor its temporary directory
 
 
-def test_the_re_export_command_may_replace_an_artifact_of_the_previous_version(tmp_path, micro_artifacts):
+def test_the_re_export_command_may_replace_an_artifact_of_the_previous_version(tmp_path, micro_artifacts, caplog):
     """The command the refusal names writes into the same directory: the exporter accepts an old artifact of the
     same weights there, and refuses one of other weights."""
     from runtime.manifest import SourceInfo
@@ -91,9 +91,12 @@ def test_the_re_export_command_may_replace_an_artifact_of_the_previous_version(t
     old = tmp_path / "old"
     old.mkdir()
     edited(old, directory, format_version=1, source={"preset": "micro", "seed": 0})
+    (old / "engines").mkdir()
+    (old / "verify.json").write_text("{}")
     with _staging(old, "micro", SourceInfo(preset="micro", seed=0)) as staged:
         (staged / "manifest.json").write_text("{}")
     assert (old / "manifest.json").read_text() == "{}" and not [p for p in tmp_path.iterdir() if p.name[0] == "."]
+    assert "replaces it as a whole: engines, verify.json will be gone" in caplog.text  # said, not silent
     (tmp_path / "other").mkdir()
     other = edited(tmp_path / "other", directory, format_version=1, source={"preset": "micro", "seed": 0})
     with pytest.raises(ArtifactError, match=r"already holds another artifact \(micro, preset=micro, seed=0\)"):

@@ -1,12 +1,13 @@
 """TensorRT engines with TensorRT-RTX on the CPU: builds, the registry's reuse/rebuild/refuse decisions."""
 
 import json
+import re
 import shutil
 
 import pytest
 
 from runtime.engine_registry import BUILD_JSON, Target, check_plan, detect_target, find_plan, read_registry
-from runtime.manifest import ArtifactError
+from runtime.manifest import ArtifactError, read_manifest
 from walt_export.engine_build import build_engines, network_layers
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (extra trt-rtx)")
@@ -71,6 +72,21 @@ def test_the_runtime_finds_the_plans_of_this_machine(built):
     with pytest.raises(ArtifactError, match=r"no base\.int8\.plan in .* build it with `walt-export engines "
                                             r"--artifacts .* --precision int8`"):
         find_plan(artifact, "base", "int8", trt)
+
+
+def test_fp16_engines_of_an_artifact_without_fp16_files_name_the_re_export(built, tmp_path):
+    """TensorRT-RTX is strongly typed: FP16 engines come from FP16 files, which `make demo`'s export lacks."""
+    artifact, _, _ = built
+    manifest = read_manifest(artifact)
+    copy = tmp_path / "fp32-only"
+    shutil.copytree(artifact, copy, ignore=shutil.ignore_patterns("engines"))
+    stages = {name: stage.model_copy(update={"files": tuple(f for f in stage.files if f.precision == "fp32")})
+              for name, stage in manifest.stages.items()}
+    (copy / "manifest.json").write_text(manifest.model_copy(update={"stages": stages}).model_dump_json())
+    with pytest.raises(ArtifactError, match=rf"has no FP16 files, which tensorrt_rtx .* builds FP16 engines from; "
+                                            rf"re-export it with `walt-export onnx --preset micro --seed 0 --out "
+                                            rf"{re.escape(str(copy))} --fp16`"):
+        build_engines(copy, "fp16", trt=trt)
 
 
 def test_int8_and_plugin_requests_are_explained(built):
