@@ -198,6 +198,19 @@ class Manifest(_Schema):
         """The precisions any stage has files of."""
         return set().union(*(stage.precisions for stage in self.stages.values()))
 
+    def require_files(self, precision: Precision, directory: str | Path, why: str = "") -> None:
+        """ArtifactError naming the command that makes them, unless the artifact has files of `precision`.
+
+        Args:
+            directory: the artifact's directory (named in the command).
+            why: what needs them, added to the message.
+        """
+        if precision in self.precisions:
+            return
+        how = {"fp16": f"re-export it with `{self.source.export_command(directory, fp16=True)}`",
+               "int8": f"calibrate it with `walt-export calibrate --artifacts {directory}`"}.get(precision, "")
+        raise ArtifactError(f"{directory} has no {precision} files{why}; {how}")
+
     @property
     def denoisers(self) -> dict[str, DenoiserInfo]:
         """The denoisers (base, sr1, sr2 where present), in sampling order."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import RequestError
-from runtime.manifest import ArtifactError, DenoiserInfo, Manifest, Precision, check_file, read_manifest
+from runtime.manifest import DenoiserInfo, Manifest, Precision, check_file, read_manifest
 from runtime.runners import Runner, make_runner
 from runtime.scheduler import DDIMScheduler, classifier_free_guidance
 
@@ -112,10 +112,7 @@ class Pipeline:
             files = {name: find_plan(directory, name, stage.precision.resolve(precision), trt, requested=precision)
                      for name, stage in manifest.stages.items()}
         else:
-            if precision not in manifest.precisions:
-                how = {"fp16": "export it with `walt-export onnx ... --fp16`",
-                       "int8": f"calibrate it with `walt-export calibrate --artifacts {directory}`"}.get(precision, "")
-                raise ArtifactError(f"{directory} has no {precision} files; {how or 'choose fp32'}")
+            manifest.require_files(precision, directory)
             files = {name: check_file(directory, stage.file(stage.precision.resolve(precision)))
                      for name, stage in manifest.stages.items()}
 

@@ -50,7 +50,8 @@ def test_every_document_a_source_cites_is_in_the_repository():
     outside the repository."""
     tests = [p for p in (ROOT / "tests").rglob("*.py") if p != Path(__file__)]
     cited = {}
-    for path in [*SOURCES, *tests, ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+    for path in [*SOURCES, *tests, *(ROOT / "docs").glob("*.md"), *(ROOT / name for name in ("README.md", "Makefile",
+                                                                                           "pyproject.toml"))]:
         text = path.read_text()
         assert "../shared" not in text and "shared/" not in text, f"{path} cites the background documents"
         if path.suffix == ".py":

@@ -195,19 +195,14 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
         from walt_export.window_attention.plugin import register_plugin
 
         register_plugin()  # the parser maps the plugin variant's wattn nodes to it
-    if precision == "int8" and "int8" not in manifest.precisions:
-        raise ArtifactError(f"{directory} has no INT8 Q/DQ files; calibrate it first with `walt-export calibrate "
-                            f"--artifacts {directory}`, or build --precision fp16")
     target = detect_target(trt)
     out = directory / ENGINES / target.directory_name
     out.mkdir(parents=True, exist_ok=True)
     registry = read_registry(out)
     weakly_typed = hasattr(trt.BuilderFlag, "FP16")
-    if precision == "fp16" and not weakly_typed and "fp16" not in manifest.precisions:
-        raise ArtifactError(f"{directory} has no FP16 files, which {trt.__name__} {trt.__version__} (strongly typed) "
-                            f"builds FP16 engines from; re-export it with "
-                            f"`{manifest.source.export_command(directory, fp16=True)}`, or build --precision int8 "
-                            "after `walt-export calibrate`")
+    if precision == "int8" or not weakly_typed:  # TensorRT 10.x alone makes FP16 engines of the FP32 files
+        manifest.require_files(precision, directory, f" to build {precision} engines from with {trt.__name__} "
+                                                     f"{trt.__version__}")
     decisions = []
     for name, stage in manifest.stages.items():
         plan_precision, model, fp16_flag = source_file(stage, precision, attention, weakly_typed)

@@ -83,7 +83,7 @@ def test_fp16_engines_of_an_artifact_without_fp16_files_name_the_re_export(built
     stages = {name: stage.model_copy(update={"files": tuple(f for f in stage.files if f.precision == "fp32")})
               for name, stage in manifest.stages.items()}
     (copy / "manifest.json").write_text(manifest.model_copy(update={"stages": stages}).model_dump_json())
-    with pytest.raises(ArtifactError, match=rf"has no FP16 files, which tensorrt_rtx .* builds FP16 engines from; "
+    with pytest.raises(ArtifactError, match=rf"has no fp16 files to build fp16 engines from with tensorrt_rtx .*; "
                                             rf"re-export it with `walt-export onnx --preset micro --seed 0 --out "
                                             rf"{re.escape(str(copy))} --fp16`"):
         build_engines(copy, "fp16", trt=trt)
@@ -91,7 +91,8 @@ def test_fp16_engines_of_an_artifact_without_fp16_files_name_the_re_export(built
 
 def test_int8_and_plugin_requests_are_explained(built):
     artifact, _, _ = built
-    with pytest.raises(ArtifactError, match="no INT8 Q/DQ files; calibrate it first"):
+    with pytest.raises(ArtifactError, match=r"has no int8 files to build int8 engines from .*; calibrate it with "
+                                            r"`walt-export calibrate"):
         build_engines(artifact, "int8", trt=trt)
     with pytest.raises(ArtifactError, match="TensorRT-RTX has no plugins"):
         build_engines(artifact, "fp16", attention="plugin", trt=trt)
