@@ -21,21 +21,16 @@ def read_document(path: Path, fmt: str, version: int, error: type[Exception],
     command depends on it) when the file is not valid JSON, is another kind of document, or has another format
     version.
     """
-    def instead(document: object) -> str:
-        if isinstance(redo, str):
-            return redo
-        return redo(document if isinstance(document, dict) else {})
-
     try:
         document = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path} is not readable JSON ({e}); {instead(None)}") from None
+        raise error(f"{path} is not readable JSON ({e}); {_instead(redo, None)}") from None
     if not isinstance(document, dict) or document.get("format") != fmt:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
-        raise error(f"{path} is not a {fmt} document (format {found!r}); {instead(document)}")
+        raise error(f"{path} is not a {fmt} document (format {found!r}); {_instead(redo, document)}")
     if document.get("format_version") != version:
         raise error(f"{path} has format version {document.get('format_version')}, this version of walt-export "
-                    f"reads version {version}; {instead(document)}")
+                    f"reads version {version}; {_instead(redo, document)}")
     return document
 
 
@@ -47,5 +42,9 @@ def read_model(path: Path, schema: type[Document], fmt: str, version: int, error
         return schema.model_validate(document)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
-        instead = redo if isinstance(redo, str) else redo(document)
-        raise error(f"{path} does not match the {fmt} schema: {problems}; {instead}") from None
+        raise error(f"{path} does not match the {fmt} schema: {problems}; {_instead(redo, document)}") from None
+
+
+def _instead(redo: str | Callable[[dict], str], document: object) -> str:
+    """What to run instead: `redo` itself, or `redo` of the document (of {} when it is not a JSON object)."""
+    return redo if isinstance(redo, str) else redo(document if isinstance(document, dict) else {})

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,12 +28,11 @@ from runtime.errors import MissingDependencyError, UsageError
 from runtime.files import atomic_output
 from runtime.manifest import ArtifactError, Precision, sha256_of
 
-log = logging.getLogger(__name__)
-
 TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")  # in order of preference
 ENGINES = "engines"  # the artifact's subdirectory of per-target engine directories
 ENGINE_PRECISIONS = ("fp16", "int8")  # what `walt-export engines --precision` builds
 Attention = Literal["fallback", "plugin"]  # which denoiser variant is compiled: inlined body, or the wattn plugin
+ATTENTION: tuple[Attention, ...] = get_args(Attention)  # the choices of `walt-export engines --attention`
 BUILD_JSON = "build.json"
 REGISTRY_FORMAT = "walt-export-engines"
 REGISTRY_VERSION = 1

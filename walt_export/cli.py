@@ -16,9 +16,8 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import get_args
 
-from runtime.engine_registry import ENGINE_PRECISIONS, Attention
+from runtime.engine_registry import ATTENTION, ENGINE_PRECISIONS
 from runtime.errors import UsageError, WaltExportError
 from walt_export.config import PRESETS
 
@@ -76,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     engines.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp16",
                          help="default fp16 (needs an artifact exported with --fp16, except on TensorRT 10.x); int8 "
                               "needs `walt-export calibrate` first; the text encoder's plan is FP32 for both")
-    engines.add_argument("--attention", choices=get_args(Attention), default="fallback",
+    engines.add_argument("--attention", choices=ATTENTION, default="fallback",
                          help="denoisers: the inlined attention (default) or the wattn plugin")
     engines.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (Jetson: keep it small)")
     engines.add_argument("--timing-cache", help="a timing-cache file, read and updated")

@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import get_args
 
 from runtime.engine_registry import (
+    ATTENTION,
     ENGINES,
     Attention,
     EngineEntry,
@@ -46,9 +46,6 @@ from runtime.manifest import ArtifactError, ModelFile, Precision, StageInfo, che
 from walt_export.window_attention.onnx_contract import PLUGIN_VERSION
 
 log = logging.getLogger(__name__)
-
-ATTENTION: tuple[Attention, ...] = get_args(Attention)  # the choices of `--attention`
-
 
 # ------------------------------------------------------------------------------------------------ one stage
 class EngineBuildError(WaltExportError, RuntimeError):
