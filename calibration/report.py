@@ -5,16 +5,23 @@ output, INT8 against FP32 on the same feeds, PSNR with the FP32 output's peak ma
 on held-out requests: PSNR of the decoded INT8 video against the FP32 video of the same seed (8-bit frames, peak
 255), and temporal flicker: the mean absolute frame-to-frame difference of the INT8 video over that of the FP32
 video (1.0 = as steady; above 1, INT8 adds flicker). Each gate is checked on the worst held-out sample.
+
+The report is written as strict JSON (`report_json`): every figure is finite, so PSNR stands in +-`PSNR_LIMIT_DB` for
+the infinities of identical outputs and of an all-zero reference.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from runtime.errors import UsageError
+
+PSNR_LIMIT_DB = 999.0  # |PSNR| reported for identical outputs (+) and an all-zero reference (-): JSON has no infinity
 
 
 @dataclass(frozen=True)
@@ -26,9 +33,18 @@ class Gates:
     min_video_psnr_db: float = 28.0  # decoded INT8 video vs FP32 video, same seed
     max_flicker_ratio: float = 1.10  # INT8 frame-to-frame difference over FP32's
 
+    def __post_init__(self) -> None:
+        """UsageError naming the first gate that is not a finite number (a NaN gate would pass every figure)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+                raise UsageError(f"bad gate '{f.name}={value}': a gate must be a finite number "
+                                 f"(default {f.name}={f.default})")
+
     @classmethod
     def parse(cls, overrides: list[str]) -> Gates:
-        """Gates from 'name=value' strings, e.g. ['min_cosine=0.999']; UsageError for unknown names and values."""
+        """Gates from 'name=value' strings, e.g. ['min_cosine=0.999']; UsageError for unknown names, values that
+        are not numbers, and values that are not finite."""
         names = {f.name for f in fields(cls)}
         values = {}
         for item in overrides:
@@ -49,11 +65,14 @@ def cosine(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def psnr(reference: np.ndarray, other: np.ndarray, peak: float | None = None) -> float:
-    """Peak signal-to-noise ratio in dB; the peak is the reference's largest magnitude unless given."""
+    """Peak signal-to-noise ratio in dB; the peak is the reference's largest magnitude unless given. Identical
+    inputs give PSNR_LIMIT_DB, a zero peak with any difference -PSNR_LIMIT_DB (for infinity)."""
     reference, other = reference.astype(np.float64), other.astype(np.float64)
     mse = float(np.mean((reference - other) ** 2))
     peak = float(np.max(np.abs(reference))) if peak is None else peak
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse) if peak > 0 else -math.inf
+    if mse == 0:
+        return PSNR_LIMIT_DB
+    return 10 * math.log10(peak**2 / mse) if peak > 0 else -PSNR_LIMIT_DB
 
 
 def flicker(frames: np.ndarray) -> float:
@@ -94,6 +113,11 @@ def failures(report: dict, gates: Gates) -> list[str]:
             out.append(f"video: flicker ratio {video['flicker_ratio_max']:.3f} > max_flicker_ratio "
                        f"{gates.max_flicker_ratio}")
     return out
+
+
+def report_json(report: dict) -> str:
+    """The report as strict JSON; ValueError (a bug) for a NaN or infinite figure, which JSON cannot hold."""
+    return json.dumps(report, indent=2, default=float, allow_nan=False) + "\n"
 
 
 def format_report(report: dict) -> str:

@@ -3,6 +3,9 @@
     python -m runtime generate --artifacts DIR --prompt TEXT --out OUT.mp4 [--seed N] [--steps N] [--guidance S]
                                [--frames N] [--image PATH] [--class-id N] [--backend onnxruntime] [--device cpu]
     python -m runtime render --artifacts DIR --jobs JOBS.jsonl --out-dir DIR
+
+Every value and every output location is checked before any model runs; a mistake is one line and exit 1 (a bad
+flag value: argparse's line and exit 2), Ctrl-C exits 130 leaving no partial file.
 """
 
 from __future__ import annotations
@@ -16,38 +19,68 @@ from typing import get_args
 
 from runtime.errors import WaltExportError
 from runtime.manifest import Precision
+from runtime.request import ClassId, Frames, Guidance, Seed, Steps, Threads, parse_as
 from runtime.runners import BACKENDS
+
+PROG = "python -m runtime"
+
+
+def version() -> str:
+    """walt-export's installed version."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("walt-export")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description="Run a W.A.L.T artifact.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Run a W.A.L.T artifact.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (walt-export) {version()}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log what the runtime does, and show the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log what the runtime does, and show the traceback of any error")
         p.add_argument("--artifacts", required=True, help="an artifact directory (walt-export onnx)")
-        p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-        p.add_argument("--device", default="cpu", help="cpu, cuda, or tensorrt (onnxruntime's TensorRT EP)")
+        p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                       help="onnxruntime (default: the artifact's ONNX files) or tensorrt (the plans of "
+                            "`walt-export engines`, on an NVIDIA GPU)")
+        p.add_argument("--device", default="cpu", help="onnxruntime's device: cpu (default), cuda, or tensorrt "
+                                                       "(its TensorRT execution provider)")
         p.add_argument("--precision", choices=get_args(Precision), default="fp32",
                        help="which files to run, default fp32 (fp16: an artifact exported with --fp16; int8: one "
                             "calibrated with `walt-export calibrate`; the TensorRT backend runs fp16 or int8 plans)")
-        p.add_argument("--threads", type=int, default=0, help="CPU threads per model (0: onnxruntime decides)")
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--threads", type=parse_as(Threads), default=0,
+                       help="CPU threads per model, >= 0 (default 0: onnxruntime decides)")
+        p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                       help="progress bars on stderr, with steps per second and time left: auto (default: only "
+                            "when stderr is a terminal), on, off")
+        p.add_argument("-q", "--quiet", dest="progress", action="store_const", const="off",
+                       help="no progress bars (--progress off)")
 
     gen = sub.add_parser("generate", help="generate one video")
     common(gen)
     gen.add_argument("--prompt", help="the text (text-to-video artifacts)")
-    gen.add_argument("--class-id", type=int, help="the class (class-conditional artifacts)")
-    gen.add_argument("--out", required=True, help="the .mp4 to write")
+    gen.add_argument("--class-id", type=parse_as(ClassId), help="the class (class-conditional artifacts)")
+    gen.add_argument("--out", required=True, help="the .mp4 to write (replaced if it exists)")
     gen.add_argument("--png-dir", help="also write the frames as PNG files into this directory")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, help="DDIM steps of every denoiser (default: the manifest's, 50)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the manifest's)")
-    gen.add_argument("--frames", type=int, help="video length: one clip (default) or longer, e.g. 29 for 17-frame clips")
-    gen.add_argument("--image", help="an image to start the video from (image-to-video)")
+    gen.add_argument("--seed", type=parse_as(Seed), default=0,
+                     help="seed of every noise draw, in [0, 2^63 - 1] (default 0)")
+    gen.add_argument("--steps", type=parse_as(Steps), help="DDIM steps of every denoiser, >= 1 (default: the "
+                                                           "manifest's, 50)")
+    gen.add_argument("--guidance", type=parse_as(Guidance),
+                     help="classifier-free guidance scale, finite and >= 0 (default: the manifest's; 1: none)")
+    gen.add_argument("--frames", type=parse_as(Frames),
+                     help="video length: one clip (default) or longer, e.g. 29 for 17-frame clips")
+    gen.add_argument("--image", help="an image to start the video from (image-to-video; center-cropped to the "
+                                     "video's aspect ratio)")
 
-    render = sub.add_parser("render", help="render a JSONL file of jobs, resuming where a previous run stopped")
+    render = sub.add_parser("render", help="render a JSONL file of jobs, resuming where a previous run stopped; "
+                                           "several runs may share one --out-dir")
     common(render)
     render.add_argument("--jobs", required=True, help='one JSON object per line: {"prompt": ..., "seed": ..., '
                                                       '"output": "name.mp4"} (+ frames, steps, guidance, image, class_id)')
@@ -55,54 +88,93 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ProgressBar:
-    """`base  [#####.....] 12/50` on stderr, one line per denoiser."""
+class StepBars:
+    """A `Progress` callback drawing one tqdm bar per denoiser (steps, steps per second, time left) on stderr; a
+    context manager that closes an unfinished bar (an error or Ctrl-C) before the command's last line."""
 
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix
+    def __init__(self, disable: bool | None, prefix: str = ""):
+        """disable: True (off), False (on), None (only when stderr is a terminal, tqdm's rule)."""
+        self.disable, self.prefix, self._bar = disable, prefix, None
 
     def __call__(self, denoiser: str, step: int, steps: int) -> None:
-        done = int(20 * step / steps)
-        end = "\n" if step == steps else ""
-        print(f"\r{self.prefix}{denoiser:<5} [{'#' * done}{'.' * (20 - done)}] {step}/{steps}", end=end, file=sys.stderr,
-              flush=True)
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=steps, desc=f"{self.prefix}{denoiser:<5}", unit="step", disable=self.disable,
+                             file=sys.stderr, dynamic_ncols=True)
+        self._bar.update(step - self._bar.n)
+        if step == steps:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> StepBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from runtime.pipeline import Pipeline
-    from runtime.render import read_jobs, render
-
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
-        with Pipeline.from_artifacts(args.artifacts, args.backend, args.device, args.precision, args.threads) as pipe:
-            if args.command == "generate":
-                from runtime.video import read_image
-
-                image = None if args.image is None else read_image(args.image, (pipe.manifest.height,
-                                                                               pipe.manifest.width))
-                start = time.perf_counter()
-                video = pipe.generate(args.prompt, class_id=args.class_id, seed=args.seed, steps=args.steps,
-                                      guidance=args.guidance, frames=args.frames, image=image,
-                                      progress=None if args.quiet else ProgressBar())
-                path = video.save(args.out)
-                if args.png_dir:
-                    video.save(args.png_dir)
-                t, h, w, _ = video.frames.shape
-                print(f"wrote {path}: {t} frames {w}x{h} @ {video.fps:g} fps in {time.perf_counter() - start:.1f} s")
-                return 0
-            jobs = read_jobs(args.jobs, pipe)
-            progress = None if args.quiet else (lambda number, job: ProgressBar(f"line {number} "))
-            results = render(pipe, jobs, args.out_dir, progress)
+        return _run(args)
     except WaltExportError as e:  # a user mistake: one line (anything else is a bug and keeps its traceback)
         if args.verbose:
             traceback.print_exc()
-        print(f"python -m runtime: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}
-    print(f"{counts['done']} rendered, {counts['skipped']} already done, {counts['failed']} failed; "
-          f"results in {args.out_dir}/results.jsonl")
+    except KeyboardInterrupt:  # outputs are written atomically: nothing partial is left
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from runtime.files import check_output
+    from runtime.pipeline import Pipeline
+    from runtime.render import read_jobs, render
+
+    disable = {"auto": None, "on": False, "off": True}[args.progress]
+    if args.command == "generate":
+        check_output(args.out, "--out", "file", suffix=".mp4")
+        if args.png_dir:
+            check_output(args.png_dir, "--png-dir", "directory")
+    else:
+        check_output(args.out_dir, "--out-dir", "directory")
+    with Pipeline.from_artifacts(args.artifacts, args.backend, args.device, args.precision, args.threads) as pipe:
+        if args.command == "generate":
+            start = time.perf_counter()
+            with StepBars(disable) as bars:
+                video = pipe.generate(args.prompt, class_id=args.class_id, seed=args.seed, steps=args.steps,
+                                      guidance=args.guidance, frames=args.frames, image=args.image, progress=bars)
+            path = video.save(args.out)
+            if args.png_dir:
+                video.save_pngs(args.png_dir)
+            t, h, w, _ = video.frames.shape
+            print(f"wrote {path}: {t} frames {w}x{h} @ {video.fps:g} fps in {time.perf_counter() - start:.1f} s")
+            return 0
+        from tqdm import tqdm
+
+        jobs = read_jobs(args.jobs, pipe)
+        results = []
+        with tqdm(total=len(jobs), desc="jobs", unit="job", disable=disable, file=sys.stderr) as bar, \
+                StepBars(disable) as bars:
+            def per_job(number: int, job: object) -> StepBars:
+                bars.prefix = f"line {number} "
+                return bars
+
+            for result in render(pipe, jobs, args.out_dir, per_job):
+                results.append(result)
+                bar.update()
+    counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed", "busy")}
+    print(f"{counts['done']} rendered, {counts['skipped']} already done, {counts['busy']} being rendered by another "
+          f"run, {counts['failed']} failed; results in {args.out_dir}/results.jsonl")
     for r in results:
-        if r["status"] == "failed":
-            print(f"  line {r['line']}: {r['error']}", file=sys.stderr)
+        if r.status == "failed":
+            print(f"  line {r.line}: {r.error}", file=sys.stderr)
     return 1 if counts["failed"] else 0

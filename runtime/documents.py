@@ -10,6 +10,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from runtime.errors import describe_validation
+
 Document = TypeVar("Document", bound=BaseModel)
 
 
@@ -41,8 +43,8 @@ def read_model(path: Path, schema: type[Document], fmt: str, version: int, error
     try:
         return schema.model_validate(document)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
-        raise error(f"{path} does not match the {fmt} schema: {problems}; {_instead(redo, document)}") from None
+        raise error(f"{path} does not match the {fmt} schema: {describe_validation(e)}; "
+                    f"{_instead(redo, document)}") from None
 
 
 def _instead(redo: str | Callable[[dict], str], document: object) -> str:

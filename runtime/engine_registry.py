@@ -19,14 +19,14 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from runtime.documents import read_model
 from runtime.errors import MissingDependencyError, UsageError
 from runtime.files import atomic_output
-from runtime.manifest import ArtifactError, Precision, sha256_of
+from runtime.manifest import ArtifactError, Precision, RelativePath, artifact_path, sha256_of
 
 TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")  # in order of preference
 ENGINES = "engines"  # the artifact's subdirectory of per-target engine directories
@@ -54,6 +54,16 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _plan_file_name(value: str) -> str:
+    """`value` when it is a bare file name (no separator, not '.' or '..'); else ValueError."""
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError("must be a file name in the engine directory, like 'base.fp16.plan' (no '/', no '..')")
+    return value
+
+
+PlanFileName = Annotated[str, AfterValidator(_plan_file_name)]
+
+
 class Target(_Schema):
     """What a plan is tied to: the TensorRT build and the device."""
 
@@ -75,7 +85,7 @@ class EngineKey(_Schema):
 
     stage: str
     precision: Precision  # of the plan: the stage's policy applied to the requested precision
-    source_file: str  # the ONNX file it was built from, relative to the artifact
+    source_file: RelativePath  # the ONNX file it was built from, relative to the artifact
     source_sha256: str
     attention: Attention | None  # denoisers: the variant compiled; None for stages without window attention
     profile: dict[str, tuple[int, int, int]]  # dynamic dim -> (min, opt, max)
@@ -86,7 +96,7 @@ class EngineKey(_Schema):
 class EngineEntry(EngineKey):
     """One plan of an engine directory, as `build.json` records it."""
 
-    plan: str  # file name beside build.json
+    plan: PlanFileName  # file name beside build.json
     plan_sha256: str
     build_seconds: float
 
@@ -96,7 +106,7 @@ class Registry(_Schema):
 
     format: Literal["walt-export-engines"] = REGISTRY_FORMAT
     format_version: Literal[1] = REGISTRY_VERSION
-    engines: dict[str, EngineEntry] = {}
+    engines: dict[PlanFileName, EngineEntry] = {}
 
 
 def plan_name(stage: str, precision: Precision) -> str:
@@ -135,13 +145,17 @@ def find_plan(artifact_dir: str | Path, stage: str, precision: Precision, trt: M
         precision: the plan's precision (the stage's policy applied to the requested one).
         requested: the precision asked for, named in the command that builds missing plans (default `precision`).
     Raises ArtifactError naming the `walt-export engines` command that builds the plan when it is missing, and
-    which targets the artifact has engines for when they are another machine's.
+    which targets the artifact has engines for when they are another machine's; and when `stage` would put the
+    plan outside the engine directory.
     """
     artifact_dir = Path(artifact_dir)
     target = detect_target(trt)
     engines = artifact_dir / ENGINES
     out = engines / target.directory_name
     plan = out / plan_name(stage, precision)
+    if plan.parent != out:
+        raise ArtifactError(f"the stage name {stage!r} gives a plan path outside {out} ({plan}); the artifact is "
+                            "refused: re-export it")
     build = f"`walt-export engines --artifacts {artifact_dir} --precision {requested or precision}`"
     if not out.is_dir():
         others = sorted(p.name for p in engines.iterdir() if p.is_dir()) if engines.is_dir() else []
@@ -159,9 +173,10 @@ def find_plan(artifact_dir: str | Path, stage: str, precision: Precision, trt: M
 def check_plan(plan: str | Path, trt: ModuleType, target: Target | None = None) -> EngineEntry:
     """The registry entry of a plan, after checking that it was built for this TensorRT and device.
 
-    Raises ArtifactError naming the rebuild command when it is unregistered, another target's, or modified.
+    Raises ArtifactError naming the rebuild command when it is unregistered, another target's, or modified, and
+    when it resolves outside its engine directory (a symlink).
     """
-    plan = Path(plan)
+    plan = artifact_path(Path(plan).parent, Path(plan).name)
     rebuild = f"`walt-export engines --artifacts {plan.parent.parent.parent}"
     entry = read_registry(plan.parent).engines.get(plan.name)
     if entry is None or not plan.is_file():

@@ -28,6 +28,20 @@ class UsageError(WaltExportError, ValueError):
     message lists the valid ones."""
 
 
+def describe_validation(error, limit: int = 5) -> str:
+    """A pydantic ValidationError as one line: `field.sub: message (got value)` per problem, the first `limit`."""
+    problems = []
+    for err in error.errors()[:limit]:
+        where = ".".join(map(str, err["loc"]))
+        shown = repr(err["input"])
+        got = "" if err["type"] == "missing" or isinstance(err["input"], dict) else \
+            f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}{got}" if where else f"{message}{got}")
+    more = len(error.errors()) - limit
+    return "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
+
+
 def import_optional(module: str, install: str):
     """`importlib.import_module(module)`, or MissingDependencyError saying what installs it (`install`, e.g.
     "pip install 'walt-export[calibration]'")."""

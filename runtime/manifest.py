@@ -5,6 +5,8 @@ dtypes and shapes of every stage, files, the precision policy, what each denoise
 statistics, the schedule) and never guess (docs/architecture.md §2). `Manifest.config` is the exporter's own record
 of the full config, read only by `walt_export` (to rebuild the PyTorch reference). An artifact is refused, with a
 message saying what to run instead, when its format version is not this one or a file's sha256 does not match.
+Every path it names is relative to the artifact directory (`RelativePath`) and must still lie inside it once symlinks
+are resolved (`artifact_path`); `Manifest.check_files` hashes every file it lists, tokenizer files included.
 
 Version 2 (this one) added the typed per-stage fields (`StageInfo.precision`, `StageInfo.denoiser`), the tokenizer's
 factors (`LatentInfo`), a typed schedule and source; a version-1 artifact is refused with its re-export command.
@@ -15,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from runtime.documents import read_model
 from runtime.errors import WaltExportError
@@ -40,6 +42,17 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _relative_path(value: str) -> str:
+    """`value` when it is a '/'-separated relative path with no empty, '..' or backslash part; else ValueError."""
+    if value.startswith("/") or "\\" in value or "\0" in value or any(p in ("", "..") for p in value.split("/")):
+        raise ValueError("must be a relative path inside the artifact directory (no leading '/', no '..' or empty "
+                         "part, no backslash)")
+    return value
+
+
+RelativePath = Annotated[str, AfterValidator(_relative_path)]  # a path the manifest names, relative to its directory
+
+
 class TensorInfo(_Schema):
     name: str
     dtype: Literal["float32", "float16", "int64"]
@@ -50,12 +63,12 @@ class TensorInfo(_Schema):
 
 
 class DataFile(_Schema):
-    file: str  # external data beside the model
+    file: RelativePath  # relative to the artifact directory: a model's external data, or a tokenizer file
     sha256: str
 
 
 class ModelFile(_Schema):
-    file: str  # relative to the artifact directory
+    file: RelativePath  # relative to the artifact directory
     sha256: str
     precision: Precision  # of the weights and the compute; inputs and outputs keep the stage's dtypes
     variant: Variant  # canonical: wattn nodes + function body; plugin: no body (TensorRT plugin); fallback: inlined
@@ -137,7 +150,20 @@ class LatentInfo(_Schema):
 
 class TextInfo(_Schema):
     max_length: int
-    tokenizer_dir: str | None  # the pretrained tokenizer copied into the artifact; None = byte tokenizer
+    tokenizer_dir: RelativePath | None  # the pretrained tokenizer copied into the artifact; None = byte tokenizer
+    tokenizer_files: tuple[DataFile, ...] = ()  # every file of tokenizer_dir ('tokenizer/tokenizer.json') + sha256
+
+    @model_validator(mode="after")
+    def _tokenizer_files_are_in_its_directory(self) -> TextInfo:
+        if self.tokenizer_dir is None and self.tokenizer_files:
+            raise ValueError("tokenizer_files are listed without a tokenizer_dir")
+        if self.tokenizer_dir is not None and not self.tokenizer_files:
+            raise ValueError(f"tokenizer_dir {self.tokenizer_dir!r} needs tokenizer_files (each file and its sha256)")
+        elsewhere = [f.file for f in self.tokenizer_files
+                     if PurePosixPath(f.file).parent != PurePosixPath(self.tokenizer_dir)]
+        if elsewhere:
+            raise ValueError(f"tokenizer_files {elsewhere} are not in tokenizer_dir {self.tokenizer_dir!r}")
+        return self
 
 
 class ScheduleInfo(_Schema):
@@ -221,6 +247,41 @@ class Manifest(_Schema):
             raise ArtifactError(f"this artifact has no stage {name!r}; stages: {', '.join(self.stages)}")
         return self.stages[name]
 
+    def check_files(self, directory: str | Path) -> dict[str, Path]:
+        """Check every file this manifest lists (all stages, precisions and variants, their external data, the
+        tokenizer's files) with `check_file`; each distinct file is hashed once.
+
+        Returns:
+            model file as the manifest names it ('base.plugin.onnx', 'int8/base.onnx') -> its checked path.
+        Raises ArtifactError naming the first file that lies outside `directory`, is missing or was modified.
+        """
+        models = [model for stage in self.stages.values() for model in stage.files]
+        files = {(f.file, f.sha256): f for model in models
+                 for f in (DataFile(file=model.file, sha256=model.sha256), *model.external_data)}
+        paths = {name: check_file(directory, f) for (name, _), f in files.items()}
+        self.check_tokenizer(directory)
+        return {model.file: paths[model.file] for model in models}
+
+    def check_tokenizer(self, directory: str | Path) -> Path | None:
+        """The artifact's tokenizer directory (`directory / text.tokenizer_dir`) after checking that it lies inside
+        `directory`, holds only the files `text.tokenizer_files` lists, and that each matches its sha256; None
+        when the artifact uses the byte tokenizer or has no text encoder.
+
+        Raises ArtifactError naming the file that lies outside, is missing, modified, or not listed.
+        """
+        text = self.text
+        if text is None or text.tokenizer_dir is None:
+            return None
+        tokenizer = artifact_path(directory, text.tokenizer_dir)
+        listed = {PurePosixPath(f.file).name for f in text.tokenizer_files}
+        unlisted = sorted(p.name for p in tokenizer.iterdir() if p.name not in listed) if tokenizer.is_dir() else []
+        if unlisted:
+            raise ArtifactError(f"{tokenizer} holds files its manifest does not list ({', '.join(unlisted)}), so their "
+                                "sha256 cannot be checked; remove them or re-export the artifact")
+        for f in text.tokenizer_files:
+            check_file(directory, f)
+        return tokenizer
+
 
 def parse_dim(dim: str) -> tuple[int, str, int]:
     """A named dim 'a*name + b' as (a, name, b): 'batch' -> (1, 'batch', 0), '4*t - 3' -> (4, 't', -3)."""
@@ -266,6 +327,16 @@ def read_manifest(directory: str | Path) -> Manifest:
     return read_model(path, Manifest, FORMAT, FORMAT_VERSION, ArtifactError, redo)
 
 
+def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+    """Write `DIR/manifest.json` (atomically: a reader sees the old or the new one, never half of one)."""
+    from runtime.files import atomic_output
+
+    path = Path(directory) / MANIFEST
+    with atomic_output(path) as tmp:
+        tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
 def read_identity(directory: str | Path) -> tuple[str, SourceInfo] | None:
     """(name, source) of the artifact in `directory`, of any format version; None when there is no readable one.
 
@@ -290,15 +361,35 @@ def _reexport_command(document: dict, directory: str | Path) -> str:
     return source.export_command(directory, fp16)
 
 
-def check_file(directory: str | Path, model: ModelFile) -> Path:
-    """The model's path after checking that it and its external data exist and match their sha256."""
+def artifact_path(directory: str | Path, name: str) -> Path:
+    """`directory / name` after checking that it lies inside `directory` once symlinks are resolved (it need not
+    exist).
+
+    Raises ArtifactError when it resolves outside (a symlink, or a path the schema did not check).
+    """
     directory = Path(directory)
-    for name, expected in [(model.file, model.sha256), *((d.file, d.sha256) for d in model.external_data)]:
-        path = directory / name
+    path = directory / name
+    real = path.resolve()
+    if not real.is_relative_to(directory.resolve()):
+        raise ArtifactError(f"{path} resolves outside {directory} (to {real}); the artifact is refused: the files "
+                            "an artifact names must lie inside its directory (replace the link by the file itself, or "
+                            "re-export the artifact)")
+    return path
+
+
+def check_file(directory: str | Path, entry: ModelFile | DataFile) -> Path:
+    """`directory / entry.file` after checking that it and, for a model, its external data lie inside `directory`
+    (`artifact_path`), exist and match their sha256.
+
+    Raises ArtifactError naming the file that resolves outside the directory, is missing, or was modified.
+    """
+    directory = Path(directory)
+    for f in (entry, *(entry.external_data if isinstance(entry, ModelFile) else ())):
+        path = artifact_path(directory, f.file)
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; re-export the artifact (`walt-export onnx ...`)")
         actual = sha256_of(path)
-        if actual != expected:
+        if actual != f.sha256:
             raise ArtifactError(f"{path} does not match the manifest (sha256 {actual[:12]}..., expected "
-                                f"{expected[:12]}...): the file was modified or truncated; re-export the artifact")
-    return directory / model.file
+                                f"{f.sha256[:12]}...): the file was modified or truncated; re-export the artifact")
+    return directory / entry.file

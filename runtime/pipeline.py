@@ -20,15 +20,19 @@ Everything about the artifact comes from the manifest's typed fields (docs/archi
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import RequestError
+from runtime.errors import RequestError, WaltExportError
 from runtime.manifest import DenoiserInfo, Manifest, Precision, check_file, read_manifest
+from runtime.request import Request
 from runtime.runners import Runner, make_runner
 from runtime.scheduler import DDIMScheduler, classifier_free_guidance
 
@@ -36,6 +40,14 @@ log = logging.getLogger(__name__)
 
 OVERLAP_LATENT_FRAMES = 2  # latent frames of the previous clip that condition the next (video continuation)
 Progress = Callable[[str, int, int], None]  # (denoiser, step done, steps)
+# Memory per value of the decoded video (3 x T x H x W): the float32 clips, their float32 concatenation and the uint8
+# frames; a length whose video needs more than the machine's memory is refused before anything runs.
+BYTES_PER_VIDEO_VALUE = 4 + 4 + 1
+
+
+class NumericalError(WaltExportError, FloatingPointError):
+    """A model's output went non-finite (NaN or Inf): the fault FP16 overflow gives, which would otherwise be
+    written as a black video. The message names the model and the step."""
 
 
 def overlap_frames(temporal_factor: int) -> int:
@@ -59,6 +71,16 @@ class DenoiserPlan:
         return (1, self.info.latent_channels, *self.info.latent_size)
 
 
+@dataclass(frozen=True)
+class GenerationPlan:
+    """What one checked request makes with an artifact (`Pipeline.check`)."""
+
+    conditioning: str  # 'text', 'class' or 'none'
+    frames: int  # video length
+    denoisers: tuple[DenoiserPlan, ...]  # in sampling order
+    image: np.ndarray | None  # the first frame (H, W, 3) uint8 at the artifact's size, read from the request's path
+
+
 @dataclass
 class Video:
     """Generated frames (T, H, W, 3) uint8 at `fps`, and every denoiser's final latents (for checks)."""
@@ -68,18 +90,29 @@ class Video:
     latents: dict[str, list[np.ndarray]] = field(default_factory=dict)  # denoiser -> one latent per clip
 
     def save(self, path: str | Path) -> Path:
-        """Write an H.264 mp4 (atomically), or PNG frames into `path` when it is a directory name without suffix."""
-        from runtime.video import write_mp4, write_pngs
+        """Write an H.264 mp4 (atomically) to `path`, which must end in .mp4; returns the path.
+
+        Raises RequestError for another suffix (PNG frames come from `save_pngs`)."""
+        from runtime.video import write_mp4
 
         path = Path(path)
-        if path.suffix.lower() == ".mp4":
-            return write_mp4(self.frames, path, self.fps)
-        write_pngs(self.frames, path)
-        return path
+        if path.suffix.lower() != ".mp4":
+            raise RequestError(f"{path}: videos are written as .mp4; pass a path ending in .mp4 "
+                               "(or use save_pngs(directory) for PNG frames)")
+        return write_mp4(self.frames, path, self.fps)
+
+    def save_pngs(self, directory: str | Path) -> list[Path]:
+        """Write every frame as `directory/frame_0000.png`, ... (each atomically); returns the paths."""
+        from runtime.video import write_pngs
+
+        return write_pngs(self.frames, directory)
 
 
 class Pipeline:
-    """A cascade over one artifact directory; runners are opened on first use and kept until `close()`."""
+    """A cascade over one artifact directory; runners are opened on first use and kept until `close()`.
+
+    Thread-safe: `generate` calls from several threads run one at a time (docs/architecture.md §10).
+    """
 
     def __init__(self, manifest: Manifest, runner_for: Callable[[str], Runner], directory: str | Path | None = None):
         """Args:
@@ -92,6 +125,7 @@ class Pipeline:
         self.scheduler = DDIMScheduler.from_schedule(manifest.schedule)
         self.denoisers = list(manifest.denoisers)  # names, in sampling order
         self._text_tokenizer = None
+        self._lock = threading.RLock()  # one generation at a time: runners and their buffers are shared
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
@@ -123,14 +157,17 @@ class Pipeline:
 
     # --------------------------------------------------------------------------------------------- lifecycle
     def runner(self, name: str) -> Runner:
-        if name not in self._runners:
-            self._runners[name] = self._runner_for(name).__enter__()
-        return self._runners[name]
+        with self._lock:
+            if name not in self._runners:
+                self._runners[name] = self._runner_for(name).__enter__()
+            return self._runners[name]
 
     def close(self) -> None:
-        for runner in self._runners.values():
-            runner.__exit__(None, None, None)
-        self._runners.clear()
+        """Close every runner (after a generation running in another thread has finished)."""
+        with self._lock:
+            for runner in self._runners.values():
+                runner.__exit__(None, None, None)
+            self._runners.clear()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -139,65 +176,114 @@ class Pipeline:
         self.close()
 
     # ------------------------------------------------------------------------------------------------ generate
-    def check_frames(self, frames: int) -> None:
-        """Lengths this artifact makes: one clip, plus any number of continuations of `new` frames each.
-
-        Raises RequestError listing the valid lengths."""
+    def lengths(self) -> tuple[int, int]:
+        """(one, new): this artifact makes videos of `one + new * k` frames, k >= 0 (new = 0: one clip only)."""
         latent = self.manifest.latent
-        one = self.manifest.frames
-        new = (latent.frames - OVERLAP_LATENT_FRAMES) * latent.temporal_factor  # frames per new latent frame
-        if frames == one or (new > 0 and frames > one and (frames - one) % new == 0):
-            return
-        more = f", {one + new}, {one + 2 * new}, ... ({one} + {new}k)" if new > 0 else " only"
-        raise RequestError(f"frames={frames} is not a length this artifact makes: {one}{more}")
+        return self.manifest.frames, (latent.frames - OVERLAP_LATENT_FRAMES) * latent.temporal_factor
+
+    def check(self, request: Request) -> GenerationPlan:
+        """What `request` makes with this artifact, after checking that it fits, before any model runs.
+
+        Checks the conditioning (text or class, class id range), the length (a length this artifact makes, and
+        whose decoded video fits in this machine's memory), the per-denoiser settings (known denoiser names, steps
+        within the training schedule), and reads the first-frame image (decodable; resized to the artifact's size).
+
+        Raises RequestError saying what this artifact takes.
+        """
+        m = self.manifest
+        kind = self.check_conditioning(request.prompt, request.class_id)
+        frames = m.frames if request.frames is None else request.frames
+        self._check_frames(frames)
+        denoisers = [DenoiserPlan(name, info, _per_denoiser(request.steps, name, m.schedule.num_inference_steps),
+                                  _per_denoiser(request.guidance, name, m.schedule.guidance_scale))
+                     for name, info in m.denoisers.items()]
+        for setting in ("steps", "guidance"):
+            value = getattr(request, setting)
+            unknown = sorted(set(value) - set(m.denoisers)) if isinstance(value, Mapping) else []
+            if unknown:
+                raise RequestError(f"{setting}: no denoiser {', '.join(map(repr, unknown))} in this artifact; its "
+                                   f"denoisers are {', '.join(m.denoisers)}")
+        for plan in denoisers:
+            if plan.steps > m.schedule.num_train_timesteps:
+                raise RequestError(f"steps={plan.steps} for {plan.name} is not in [1, "
+                                   f"{m.schedule.num_train_timesteps}] (the training schedule's length)")
+        image = None
+        if request.image is not None:
+            from runtime.video import read_image
+
+            image = read_image(request.image, (m.height, m.width))
+        return GenerationPlan(kind, frames, tuple(denoisers), image)
+
+    def _check_frames(self, frames: int) -> None:
+        """Raises RequestError unless `frames` is a length this artifact makes and its video fits in memory."""
+        one, new = self.lengths()
+        if not (frames == one or (new > 0 and frames > one and (frames - one) % new == 0)):
+            more = f", {one + new}, {one + 2 * new}, ... ({one} + {new}k)" if new > 0 else " only"
+            raise RequestError(f"frames={frames} is not a length this artifact makes: {one}{more}")
+        pixels = 3 * self.manifest.height * self.manifest.width
+        available = _memory_bytes()
+        if frames * pixels * BYTES_PER_VIDEO_VALUE > available:
+            most = available // (pixels * BYTES_PER_VIDEO_VALUE)
+            longest = one + (most - one) // new * new if new > 0 and most >= one else one
+            raise RequestError(
+                f"frames={frames} needs about {frames * pixels * BYTES_PER_VIDEO_VALUE / 2**30:.1f} GiB for the "
+                f"decoded video at {self.manifest.width}x{self.manifest.height} ({BYTES_PER_VIDEO_VALUE} bytes per "
+                f"pixel value), more than this machine's {available / 2**30:.1f} GiB of memory; the longest that fits "
+                f"is about {longest} frames")
 
     def generate(self, prompt: str | None = None, *, class_id: int | None = None, seed: int = 0,
                  steps: int | Mapping[str, int] | None = None, guidance: float | Mapping[str, float] | None = None,
-                 frames: int | None = None, image: np.ndarray | None = None,
+                 frames: int | None = None, image: np.ndarray | str | Path | None = None,
                  progress: Progress | None = None) -> Video:
         """Generate one video.
 
+        Safe to call from several threads: calls on one Pipeline run one at a time (each holds the pipeline's
+        lock while its models run); for parallel generations use one Pipeline per thread or process
+        (docs/architecture.md §10).
+
         Args:
             prompt: the text (text presets); class_id: the class (class presets).
-            seed: seeds every noise draw.
+            seed: seeds every noise draw, in [0, 2**63 - 1].
             steps, guidance: for every denoiser, or per denoiser ({"base": 50, "sr1": 20}); default: the
-                manifest's schedule.
-            frames: the video length (see `check_frames`); default: one clip.
-            image: (H, W, 3) uint8 at the artifact's size, the first frame (image-to-video).
+                manifest's schedule. Steps in [1, the training schedule's length]; guidance finite and >= 0.
+            frames: the video length (see `lengths`); default: one clip.
+            image: the first frame (image-to-video): a path of an image file (center-cropped and resized to the
+                artifact's size), or an (H, W, 3) uint8 array at the artifact's size.
             progress: called with (denoiser, step, steps) after every denoising step.
-        Raises RequestError when the request does not fit the artifact (checked before any model runs).
+        Raises RequestError when the request does not fit the artifact (checked before any model runs), and
+        NumericalError when a model's output goes non-finite (no video is returned).
         """
+        array = image if isinstance(image, np.ndarray) else None
+        request = Request.parse(prompt=prompt, class_id=class_id, seed=seed, steps=steps, guidance=guidance,
+                                frames=frames, image=None if image is None or array is not None else str(image))
+        plan = self.check(request)
+        first_frame = plan.image if array is None else array
+        first_frame = None if first_frame is None else _image_to_video(first_frame, self.manifest)  # (1, 3, 1, H, W)
+        with self._lock:
+            return self._generate(plan, request, first_frame, progress)
+
+    def _generate(self, plan: GenerationPlan, request: Request, first_frame: np.ndarray | None,
+                  progress: Progress | None) -> Video:
         m = self.manifest
-        frames = frames or m.frames
-        self.check_frames(frames)
-        first_frame = None if image is None else _image_to_video(image, m)  # (1, 3, 1, H, W), checked
-        conditioning = self._conditioning(prompt, class_id)
-        plans = [DenoiserPlan(name, info, _per_denoiser(steps, name, m.schedule.num_inference_steps),
-                              _per_denoiser(guidance, name, m.schedule.guidance_scale))
-                 for name, info in m.denoisers.items()]
-        for plan in plans:
-            if not 1 <= plan.steps <= m.schedule.num_train_timesteps:
-                raise RequestError(f"steps={plan.steps} for {plan.name} is not in [1, "
-                                   f"{m.schedule.num_train_timesteps}] (the training schedule's length)")
-        rng = np.random.default_rng(seed)
+        conditioning = self._conditioning(plan.conditioning, request.prompt, request.class_id)
+        rng = np.random.default_rng(request.seed)
         latents: dict[str, list[np.ndarray]] = {name: [] for name in self.denoisers}
         cond_latent = None if first_frame is None else self._encode(first_frame)  # (1, c, 1, h, w)
         overlap = overlap_frames(m.latent.temporal_factor)
         video, state = [], None
         while True:
-            clip = self._sample_clip(plans, conditioning, rng, cond_latent, progress)
+            clip = self._sample_clip(list(plan.denoisers), conditioning, rng, cond_latent, progress)
             for name, latent in clip.items():
                 latents[name].append(latent)
             final = clip[self.denoisers[-1]]
             if state is None:
                 out = self.runner("tokenizer_decoder").infer({"latent": final})
-                video.append(out["video"])
             else:  # continue the causal decode past the conditioning latent frames
                 out = self.runner("tokenizer_decoder_step").infer({"latent": final[:, :, OVERLAP_LATENT_FRAMES:],
                                                                    **state})
-                video.append(out["video"])
+            video.append(_finite(out["video"], "the tokenizer decoder"))
             state = {k.replace("next_", "", 1): v for k, v in out.items() if k.startswith("next_state")}
-            if sum(v.shape[2] for v in video) >= frames:
+            if sum(v.shape[2] for v in video) >= plan.frames:
                 break
             cond_latent = self._encode(np.concatenate(video, axis=2)[:, :, -overlap:])  # (1, c, 2, h, w)
         pixels = np.concatenate(video, axis=2)[0]  # (3, T, H, W) in [-1, 1]
@@ -215,14 +301,17 @@ class Pipeline:
         elif base.conditioning == "class":
             if class_id is None or prompt is not None or not 0 <= class_id < base.num_classes:
                 raise RequestError(f"this artifact is class-conditional: pass a class id in [0, {base.num_classes})")
+        elif prompt is not None or class_id is not None:
+            raise RequestError("this artifact is unconditional: pass no prompt and no class id")
         return base.conditioning
 
-    def _conditioning(self, prompt: str | None, class_id: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _conditioning(self, kind: str, prompt: str | None,
+                      class_id: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per conditioning input: (conditional, unconditional) arrays of batch 1."""
-        kind = self.check_conditioning(prompt, class_id)
         if kind == "text":
             ids, mask = self.text_tokenizer([prompt, ""])
             states = self.runner("text_encoder").infer({"input_ids": ids, "attention_mask": mask})["text_states"]
+            states = _finite(states, "the text encoder")
             return {"text": (states[:1], states[1:]), "text_mask": (mask[:1], mask[1:])}
         if kind == "class":
             null = self.manifest.stage("base").denoiser.null_class
@@ -235,12 +324,13 @@ class Pipeline:
             from runtime.text_tokenizer import load_text_tokenizer
 
             text = self.manifest.text
-            directory = None if text.tokenizer_dir is None else self.directory / text.tokenizer_dir
+            directory = None if text.tokenizer_dir is None else self.manifest.check_tokenizer(self.directory)
             self._text_tokenizer = load_text_tokenizer(directory, text.max_length)
         return self._text_tokenizer
 
     def _encode(self, video: np.ndarray) -> np.ndarray:
-        return self.runner("tokenizer_encoder").infer({"video": video.astype(np.float32)})["latent"]
+        return _finite(self.runner("tokenizer_encoder").infer({"video": video.astype(np.float32)})["latent"],
+                       "the tokenizer encoder")
 
     def _sample_clip(self, plans: list[DenoiserPlan], conditioning: dict[str, tuple[np.ndarray, np.ndarray]],
                      rng: np.random.Generator, cond_latent: np.ndarray | None,
@@ -272,7 +362,7 @@ class Pipeline:
     def _denoise(self, plan: DenoiserPlan, conditioning: dict[str, tuple[np.ndarray, np.ndarray]],
                  fixed: dict[str, np.ndarray], rng: np.random.Generator, progress: Progress | None) -> np.ndarray:
         """DDIM from pure noise with one denoiser; `fixed` are its feeds that stay the same every step."""
-        runner, scheduler = self.runner(plan.name), self.scheduler
+        runner, scheduler = self.runner(plan.name), copy.copy(self.scheduler)  # set_timesteps sets its state
         scheduler.set_timesteps(plan.steps)
         guided = plan.guidance != 1.0 and bool(conditioning)
         fixed = fixed | {k: cond for k, (cond, _) in conditioning.items()}
@@ -291,6 +381,7 @@ class Pipeline:
             if guided:
                 v = classifier_free_guidance(v[:1], v[1:], plan.guidance)
             x, x0 = scheduler.step(v, int(t), x)
+            _finite(x, f"the {plan.name} denoiser", f" at step {i + 1} of {plan.steps}")
             if progress is not None:
                 progress(plan.name, i + 1, plan.steps)
         return x
@@ -303,6 +394,21 @@ def _per_denoiser(value, name: str, default):
     if isinstance(value, Mapping):
         return value.get(name, default)
     return value
+
+
+def _finite(array: np.ndarray, model: str, when: str = "") -> np.ndarray:
+    """`array`, or NumericalError naming the model whose output it is when it holds NaN or Inf."""
+    if not np.isfinite(array).all():
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise NumericalError(f"the output of {model} went non-finite{when} ({bad} of {array.size} values NaN or "
+                             "Inf): with --precision fp16 or int8 this is an overflow of the reduced precision; run "
+                             "with --precision fp32, or re-check the files with `walt-export verify`")
+    return array
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _pool_to(latent: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,50 +1,73 @@
 """Batch rendering: a JSONL file of jobs -> one mp4 per job, resumable, with a results JSONL.
 
-Every line is validated before anything runs (a bad line is reported with its number and reason). Finished outputs
-are skipped, so a killed run resumes where it stopped; outputs are written atomically, so no partial mp4 is ever
-left under its final name (stale temporary files of a killed run are removed on start).
+Every value of every line is validated against the artifact before anything runs (`Job` is a `Request` plus its
+output; `Pipeline.check` as for `generate`; a bad line is reported with its number and reason). Finished outputs are
+skipped, so a killed run resumes where it stopped; outputs are written atomically, so no partial mp4 is ever left
+under its final name.
+
+Several `render` runs may share one output directory, on one machine or on several sharing a filesystem
+(docs/architecture.md §10): a run renders a job only while it holds the job's lock (`OUT/.locks/OUTPUT.lock`,
+`runtime.files.try_lock`); a job another run holds is left to that run, and a finished one is skipped, so each job is
+rendered once in all. A killed run's lock is free again at once, and its partial temporary file is removed by the
+next run that takes the job (a live one never is). `results.jsonl` gets one line per job a run finished, skipped or
+failed, appended under its own lock.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from runtime.errors import RequestError, WaltExportError
+from runtime.errors import RequestError, WaltExportError, describe_validation
+from runtime.files import exclusive, remove_stale, try_lock
 from runtime.pipeline import Pipeline, Progress
-from runtime.video import read_image
+from runtime.request import Request
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
+LOCKS = ".locks"  # the output directory's lock files: one per job, and one for appending to results.jsonl
 
 
-class Job(BaseModel):
-    """One line of a jobs file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Job(Request):
+    """One line of a jobs file: a generation request and the mp4 it writes."""
 
     output: str  # file name (or relative path) of the mp4 inside the output directory
-    prompt: str | None = None
-    class_id: int | None = None
-    seed: int = 0
-    frames: int | None = None
-    steps: int | dict[str, int] | None = None
-    guidance: float | dict[str, float] | None = None
-    image: str | None = None  # path of the first frame (image-to-video)
 
     @field_validator("output")
     @classmethod
     def _relative_mp4(cls, value: str) -> str:
         path = PurePosixPath(value)
-        if path.suffix.lower() != ".mp4" or path.is_absolute() or ".." in path.parts:
+        if path.suffix.lower() != ".mp4" or path.is_absolute() or ".." in path.parts or "\\" in value:
             raise ValueError("must be a relative path ending in .mp4 inside the output directory")
+        if any(part.startswith(".") for part in path.parts):
+            raise ValueError("no part of it may start with '.' (hidden names are the temporary files and locks of "
+                             "runs in progress)")
         return value
+
+
+class JobResult(BaseModel):
+    """What one run did with one job: a line of `results.jsonl`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    line: int  # of the jobs file
+    output: str  # the mp4's path
+    status: Literal["done", "skipped", "failed", "busy"]  # busy: another run holds the job (not written to results)
+    prompt: str | None = None
+    class_id: int | None = None
+    seed: int
+    seconds: float | None = None  # done: wall time of the generation and encoding
+    frames: int | None = None  # done: frames written
+    reason: str | None = None  # skipped, busy: why
+    error: str | None = None  # failed: the exception
+    time: str = ""  # when the line was written, ISO 8601 local time
 
 
 class JobsError(WaltExportError, ValueError):
@@ -52,21 +75,27 @@ class JobsError(WaltExportError, ValueError):
 
 
 def read_jobs(path: str | Path, pipeline: Pipeline) -> list[tuple[int, Job]]:
-    """(line number, job) for every non-empty line, all validated (also against the artifact) before returning."""
+    """(line number, job) for every non-empty line, all validated (also against the artifact) before returning.
+
+    Raises JobsError listing every bad line (its number and what is wrong), or when the file is unreadable, is not
+    UTF-8, or holds no jobs.
+    """
     problems, jobs, outputs = [], [], {}
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise JobsError(f"cannot read the jobs file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise JobsError(f"the jobs file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}); save it as UTF-8") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             job = Job.model_validate_json(line)
-            _check_job(job, pipeline)
+            pipeline.check(job)
         except ValidationError as e:
-            problems.append(f"line {number}: " + "; ".join(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" if err["loc"] else err["msg"] for err in e.errors()))
+            problems.append(f"line {number}: {describe_validation(e)}")
             continue
         except RequestError as e:
             problems.append(f"line {number}: {e}")
@@ -83,44 +112,56 @@ def read_jobs(path: str | Path, pipeline: Pipeline) -> list[tuple[int, Job]]:
     return jobs
 
 
-def _check_job(job: Job, pipeline: Pipeline) -> None:
-    pipeline.check_conditioning(job.prompt, job.class_id)
-    if job.frames is not None:
-        pipeline.check_frames(job.frames)
-    if job.image is not None and not Path(job.image).is_file():
-        raise RequestError(f"image {job.image} does not exist")
-
-
 def render(pipeline: Pipeline, jobs: list[tuple[int, Job]], out_dir: str | Path,
-           progress: Callable[[int, Job], Progress | None] | None = None) -> list[dict]:
-    """Run the jobs whose output does not exist yet; appends one result per job to `out_dir/results.jsonl`."""
+           progress: Callable[[int, Job], Progress | None] | None = None) -> Iterator[JobResult]:
+    """Run the jobs whose output does not exist yet and that no other run holds, one at a time as the iterator is
+    consumed; appends the result of each job it finished, skipped or failed to `out_dir/results.jsonl` and yields
+    one result per job (busy ones included).
+
+    A job that raises is recorded as failed (with its traceback in the log) and the batch goes on.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.rglob(".*.tmp.mp4"):  # left by a killed run
-        log.info("removing the partial output %s of an interrupted run", stale)
-        stale.unlink()
-    results = []
     for number, job in jobs:
         target = out_dir / job.output
         result = {"line": number, "output": str(target), "prompt": job.prompt, "class_id": job.class_id,
                   "seed": job.seed}
-        if target.exists():
-            result |= {"status": "skipped", "reason": "already rendered"}
-        else:
-            start = time.perf_counter()
-            try:
-                image = None if job.image is None else read_image(job.image, (pipeline.manifest.height,
-                                                                             pipeline.manifest.width))
-                video = pipeline.generate(job.prompt, class_id=job.class_id, seed=job.seed, steps=job.steps,
-                                          guidance=job.guidance, frames=job.frames, image=image,
-                                          progress=progress(number, job) if progress else None)
-                video.save(target)
-                result |= {"status": "done", "seconds": round(time.perf_counter() - start, 3),
-                           "frames": int(video.frames.shape[0])}
-            except Exception as e:  # one bad job must not stop the batch
-                log.exception("job on line %d failed", number)
-                result |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        with open(out_dir / RESULTS, "a") as f:
-            f.write(json.dumps(result | {"time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-        results.append(result)
-    return results
+        lock = try_lock(out_dir / LOCKS / f"{job.output}.lock")
+        if lock is None:
+            yield JobResult(**result, status="busy", reason="another run is rendering it")
+            continue
+        try:
+            remove_stale(target)  # a killed run's partial file: nobody else holds this job
+            if target.exists():
+                result |= {"status": "skipped", "reason": "already rendered"}
+            else:
+                result |= _render_one(pipeline, job, target, progress(number, job) if progress else None)
+            finished = _append(out_dir, JobResult(**result, time=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        finally:
+            lock.release()
+        yield finished
+
+
+def _render_one(pipeline: Pipeline, job: Job, target: Path, progress: Progress | None) -> dict:
+    start = time.perf_counter()
+    try:
+        video = pipeline.generate(job.prompt, class_id=job.class_id, seed=job.seed, steps=job.steps,
+                                  guidance=job.guidance, frames=job.frames, image=job.image, progress=progress)
+        video.save(target)
+    except Exception as e:  # one bad job must not stop the batch
+        log.exception("job %s failed", job.output)
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    return {"status": "done", "seconds": round(time.perf_counter() - start, 3), "frames": int(video.frames.shape[0])}
+
+
+def _append(out_dir: Path, result: JobResult) -> JobResult:
+    """Append one line to results.jsonl, whole: one write under the results lock (runs on other machines append
+    to the same file)."""
+    line = (result.model_dump_json(exclude_none=True) + "\n").encode()
+    with exclusive(out_dir / LOCKS / f"{RESULTS}.lock", f"cannot append to {out_dir / RESULTS}: another run has "
+                   "held its lock for a minute", timeout=60):
+        fd = os.open(out_dir / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    return result

@@ -3,11 +3,14 @@
 Two tokenizers: the byte-level one of the small presets (nothing to download, ByT5's id layout) and a
 checkpoint's own tokenizer files (`tokenizer.json`, read with the `tokenizers` package, or SentencePiece's
 `spiece.model`). Both return fixed-length `(ids, mask)` int64 arrays, padded with 0 and ending in end-of-sequence.
+A prompt longer than the text encoder reads is cut, with a warning that shows the text kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import reprlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +18,11 @@ import numpy as np
 
 from runtime.errors import import_optional
 from runtime.manifest import ArtifactError
+
+log = logging.getLogger(__name__)
+
+_shown = reprlib.Repr()  # the kept text of a cut prompt, elided in the middle past 160 characters
+_shown.maxstring = 160
 
 
 class TextTokenizer(Protocol):
@@ -25,14 +33,21 @@ class TextTokenizer(Protocol):
         ...
 
 
-def _pack(sequences: list[list[int]], max_length: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Truncate each sequence to max_length - 1 tokens, append end-of-sequence and pad to max_length."""
+def _pack(sequences: list[list[int]], max_length: int, eos_id: int, pad_id: int,
+          decode: Callable[[list[int]], str]) -> tuple[np.ndarray, np.ndarray]:
+    """Truncate each sequence to max_length - 1 tokens, append end-of-sequence and pad to max_length.
+
+    Returns ids and attention mask, both int64 of shape (len(sequences), max_length). Each truncated sequence logs
+    one warning with its length and `decode` (kept token ids -> text) of what the text encoder reads."""
     ids = np.full((len(sequences), max_length), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), max_length), dtype=np.int64)
     for row, tokens in enumerate(sequences):
-        tokens = list(tokens[: max_length - 1]) + [eos_id]
-        ids[row, : len(tokens)] = tokens
-        mask[row, : len(tokens)] = 1
+        kept = list(tokens[: max_length - 1])
+        if len(tokens) > len(kept):
+            log.warning("the prompt has %d tokens; the text encoder reads %d (+ end of sequence): only %s is used",
+                        len(tokens), len(kept), _shown.repr(decode(kept)))
+        ids[row, : len(kept) + 1] = kept + [eos_id]
+        mask[row, : len(kept) + 1] = 1
     return ids, mask
 
 
@@ -47,7 +62,11 @@ class ByteTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         sequences = [[b + self.offset for b in text.encode("utf-8")] for text in _as_list(texts)]
-        return _pack(sequences, self.max_length, self.eos_id, self.pad_id)
+        return _pack(sequences, self.max_length, self.eos_id, self.pad_id, self._decode)
+
+    def _decode(self, ids: list[int]) -> str:
+        # a cut inside a multi-byte character drops that character
+        return bytes(i - self.offset for i in ids).decode("utf-8", errors="ignore")
 
 
 class PretrainedTokenizer:
@@ -81,7 +100,7 @@ class PretrainedTokenizer:
         return ids[:-1] if ids and ids[-1] == self.eos_id else ids
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return _pack(self._encode(_as_list(texts)), self.max_length, self.eos_id, self.pad_id)
+        return _pack(self._encode(_as_list(texts)), self.max_length, self.eos_id, self.pad_id, self._tok.decode)
 
 
 def load_text_tokenizer(pretrained_dir: str | Path | None, max_length: int) -> TextTokenizer:

@@ -1,4 +1,5 @@
-"""Video files: frames (T, H, W, 3) uint8 <-> H.264 mp4 through PyAV, and PNG frames; written atomically.
+"""Video files: frames (T, H, W, 3) uint8 <-> H.264 mp4 through PyAV, and PNG frames; written atomically. The
+first-frame image of image-to-video is read with Pillow.
 
 An output is written under a temporary name beside its target and renamed when complete, so a killed run never
 leaves a partial or corrupt file under the final name.
@@ -6,6 +7,8 @@ leaves a partial or corrupt file under the final name.
 
 from __future__ import annotations
 
+import io
+import logging
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,6 +16,8 @@ import numpy as np
 
 from runtime.errors import RequestError
 from runtime.files import atomic_output
+
+log = logging.getLogger(__name__)
 
 CRF = 18  # visually lossless for H.264
 
@@ -75,17 +80,63 @@ def write_pngs(frames: np.ndarray, directory: str | Path, stem: str = "frame") -
 
 
 def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """The first frame of an image (or video) file as (H, W, 3) uint8 RGB, resized to size = (H, W).
+    """The first frame of an image file (PNG, JPEG, WebP, GIF, ... through Pillow) as (H, W, 3) uint8 RGB at
+    size = (H, W), for image-to-video.
 
-    Raises RequestError when there is no file or PyAV cannot decode it."""
-    import av
+    Pillow decodes it strictly: a truncated file, and a PNG whose data or checksums do not match, are refused (PyAV
+    decodes a truncated JPEG without an error). The EXIF orientation of a photo is applied. Transparent pixels are
+    composited on white, with a warning. An image of another aspect ratio is scaled to cover `size` and
+    center-cropped to it (as diffusers' `VaeImageProcessor(resize_mode="crop")` does), with a warning saying what was
+    cut; resampling is Lanczos. A 16-bit grayscale image keeps its top 8 bits.
+
+    Raises RequestError naming the file when there is none, or it is not an image, truncated, corrupt or larger than
+    Pillow's decompression-bomb limit."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"no image at {path}")
+    data = path.read_bytes()
     try:
-        with av.open(str(path)) as container:
-            frame = next(container.decode(video=0))
-    except (av.error.FFmpegError, StopIteration) as e:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # a PNG's chunk checksums; verify() leaves the image unusable, so it is opened again
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except UnidentifiedImageError:
+        raise RequestError(f"cannot read an image from {path}: not an image format Pillow reads; use PNG or JPEG") \
+            from None
+    except Image.DecompressionBombError as e:
         raise RequestError(f"cannot read an image from {path}: {e}") from None
-    return frame.reformat(width=size[1], height=size[0], format="rgb24").to_ndarray()
+    except (OSError, SyntaxError) as e:  # Pillow reports a broken PNG as SyntaxError
+        raise RequestError(f"cannot read an image from {path}: the file is truncated or corrupt ({e})") from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    if image.has_transparency_data:
+        image = image.convert("RGBA")
+        if image.getchannel("A").getextrema()[0] < 255:
+            log.warning("%s has transparency; composited on white", path)
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+    image = image.convert("RGB")
+    box = _center_crop(image.size, size)
+    (left, top, right, bottom), (width, height) = box, image.size
+    if width - (right - left) > 1 or height - (bottom - top) > 1:
+        log.warning("%s is %dx%d; center-cropped to %dx%d (%s -> %s) and resized to %dx%d", path, width, height,
+                    round(right - left), round(bottom - top), _aspect(width, height), _aspect(size[1], size[0]),
+                    size[1], size[0])
+    return np.array(image.resize((size[1], size[0]), Image.Resampling.LANCZOS, box=box))  # writable, as PyAV gave
+
+
+def _center_crop(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The centered (left, top, right, bottom) box of an image of image_size = (width, height) with the aspect ratio
+    of size = (H, W): the largest one, so that scaled to `size` it covers it."""
+    (width, height), (h, w) = image_size, size
+    scale = max(w / width, h / height)
+    left, top = (width - w / scale) / 2, (height - h / scale) / 2
+    return left, top, width - left, height - top
+
+
+def _aspect(width: int, height: int) -> str:
+    """'4:3', '16:9', '7:4' (the nearest ratio of small integers)."""
+    ratio = Fraction(width, height).limit_denominator(32)
+    return f"{ratio.numerator}:{ratio.denominator}"

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -106,3 +108,55 @@ def test_verify_prints_the_table_and_refuses_tampered_files(tmp_path, micro_arti
     data[-100] ^= 0xFF
     (copy / "sr1.onnx").write_bytes(bytes(data))
     assert_one_line_error(run("verify", "--artifacts", str(copy)), "sr1.onnx does not match the manifest")
+
+
+def test_verify_hashes_the_plugin_variants_it_cannot_run(tmp_path, micro_artifacts):
+    """onnxruntime cannot run the plugin variant, but verify still checks that it is there, intact."""
+    directory, _ = micro_artifacts
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    (copy / "base.plugin.onnx").unlink()
+    assert_one_line_error(run("verify", "--artifacts", str(copy)), "base.plugin.onnx is missing")
+    shutil.copyfile(directory / "base.plugin.onnx", copy / "base.plugin.onnx")
+    (copy / "sr1.fp16.plugin.onnx").write_bytes(b"")  # zeroed
+    assert_one_line_error(run("verify", "--artifacts", str(copy)), "sr1.fp16.plugin.onnx does not match the manifest")
+
+
+def test_verify_refuses_while_another_command_writes_the_artifact(tmp_path, micro_artifacts):
+    from runtime.files import artifact_lock
+
+    directory, _ = micro_artifacts
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    (copy / "verify.json").unlink(missing_ok=True)
+    with artifact_lock(copy):
+        assert_one_line_error(run("verify", "--artifacts", str(copy)), "another walt-export command is writing")
+    assert not (copy / "verify.json").exists()
+
+
+def test_ctrl_c_during_an_export_exits_130_leaving_nothing(tmp_path):
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "export.py"), "-v", "onnx", "--preset", "micro", "--out",
+                                str(tmp_path / "art")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".art.*.tmp/*.onnx")) and time.monotonic() < deadline:  # exporting its models
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "walt-export: interrupted", stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.lock"]  # no staging directory, no artifact
+
+
+@pytest.mark.parametrize("args, says", [
+    (["onnx", "--seed", "99999999999999999999", "--out", "x"], "argument --seed: input should be less than or equal"),
+    (["init", "--seed", "-1", "--out", "x.safetensors"], "argument --seed: input should be greater than or equal to 0"),
+    (["engines", "--artifacts", "x", "--workspace-gb", "-1"], "argument --workspace-gb: input should be greater than 0"),
+    (["calibrate", "--artifacts", "x", "--timesteps", "0"], "argument --timesteps: input should be greater than"),
+    (["calibrate", "--artifacts", "x", "--threads", "-5"], "argument --threads: input should be greater than"),
+])
+def test_flag_values_out_of_range_name_the_flag(args, says):
+    result = run(*args)
+    assert result.returncode == 2 and says in result.stderr.splitlines()[-1], result.stderr

@@ -17,8 +17,10 @@ import traceback
 import warnings
 from pathlib import Path
 
+from runtime.cli import version
 from runtime.engine_registry import ATTENTION, ENGINE_PRECISIONS
 from runtime.errors import UsageError, WaltExportError
+from runtime.request import Count, Gigabytes, Seed, Threads, parse_as
 from walt_export.config import PRESETS
 
 DEFAULT_PRESET = "tiny"
@@ -26,21 +28,23 @@ DEFAULT_PRESET = "tiny"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="walt-export", description="Build, export and compile W.A.L.T cascades.")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log what the library does, and show the traceback of any error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    verbose = {"action": "store_true", "help": "log what the library does, and show the traceback of any error"}
+    parser.add_argument("-v", "--verbose", **verbose)
     sub = parser.add_subparsers(dest="command", required=True)
+    seed = {"type": parse_as(Seed), "default": 0, "help": "seed of the random weights, in [0, 2^63 - 1] (default 0)"}
 
     summary = sub.add_parser("summary", help="build a cascade (preset or checkpoint) and print its parts")
     source = summary.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=list(PRESETS), default=None, help=f"default: {DEFAULT_PRESET}")
     source.add_argument("--checkpoint", help="a .safetensors cascade checkpoint (its .json beside it)")
     summary.add_argument("--meta", action="store_true", help="build on the meta device (no memory; paper presets)")
-    summary.add_argument("--seed", type=int, default=0)
+    summary.add_argument("--seed", **seed)
 
     init = sub.add_parser("init", help="write a checkpoint of a preset with seeded random weights")
-    init.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET)
+    init.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help=f"default: {DEFAULT_PRESET}")
     init.add_argument("--out", required=True, help="path ending in .safetensors; the config goes beside it as .json")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--seed", **seed)
 
     onnx = sub.add_parser("onnx", help="export every model of a cascade to ONNX in an artifact directory")
     onnx.add_argument("--preset", choices=list(PRESETS), default=None,
@@ -48,37 +52,45 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--checkpoint", help="a .safetensors cascade checkpoint (default: seeded random weights)")
     onnx.add_argument("--out", required=True, help="the artifact directory (new, empty, or the same artifact)")
     onnx.add_argument("--fp16", action="store_true", help="also write FP16 variants of every model")
-    onnx.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+    onnx.add_argument("--seed", **seed | {"help": f"without --checkpoint: {seed['help']}"})
 
     verify = sub.add_parser("verify", help="compare every model of an artifact with PyTorch (onnxruntime, CPU)")
     verify.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
     verify.add_argument("--checkpoint", help="the checkpoint it was exported from, if it moved")
-    verify.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes to run (default 1 2)")
+    verify.add_argument("--batches", type=parse_as(Count), nargs="+", default=[1, 2],
+                        help="batch sizes to run, each >= 1 (default 1 2)")
 
     calibrate = sub.add_parser("calibrate", help="INT8 Q/DQ files of every stage, calibrated on the denoising loop, "
                                                  "with quality gates")
     calibrate.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
-    calibrate.add_argument("--samples", type=int, default=4, help="calibration generations (default 4)")
-    calibrate.add_argument("--held-out", type=int, default=2, help="held-out generations for the gates (default 2)")
+    calibrate.add_argument("--samples", type=parse_as(Count), default=4, help="calibration generations, >= 1 (default 4)")
+    calibrate.add_argument("--held-out", type=parse_as(Count), default=2,
+                           help="held-out generations for the gates, >= 1 (default 2)")
     calibrate.add_argument("--prompts", help="a text file, one prompt per line (text artifacts; default: built in)")
     calibrate.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="percentile",
                            help="activation ranges of the denoisers (the tokenizer uses minmax)")
-    calibrate.add_argument("--timesteps", type=int, default=8,
-                           help="denoiser steps kept per generation, spread over the schedule (default 8)")
-    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--timesteps", type=parse_as(Count), default=8,
+                           help="denoiser steps kept per generation, spread over the schedule, in [1, the "
+                                "schedule's steps] (default 8)")
+    calibrate.add_argument("--seed", **seed | {"help": "seed of the calibration and held-out generations (default 0)"})
     calibrate.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                            help="override a gate: min_cosine, min_psnr_db, min_video_psnr_db, max_flicker_ratio")
-    calibrate.add_argument("--threads", type=int, default=0, help="onnxruntime CPU threads (0: it decides)")
+    calibrate.add_argument("--threads", type=parse_as(Threads), default=0,
+                           help="onnxruntime CPU threads, >= 0 (0: it decides)")
 
     engines = sub.add_parser("engines", help="build one TensorRT engine per stage (reused while nothing changed)")
     engines.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
     engines.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp16",
-                         help="default fp16 (needs an artifact exported with --fp16, except on TensorRT 10.x); int8 "
-                              "needs `walt-export calibrate` first; the text encoder's plan is FP32 for both")
+                         help="default fp16 (FP16 ONNX files are derived from the FP32 ones when the artifact has "
+                              "none); int8 needs `walt-export calibrate` first; the text encoder's plan is FP32 for "
+                              "both")
     engines.add_argument("--attention", choices=ATTENTION, default="fallback",
                          help="denoisers: the inlined attention (default) or the wattn plugin")
-    engines.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (Jetson: keep it small)")
-    engines.add_argument("--timing-cache", help="a timing-cache file, read and updated")
+    engines.add_argument("--workspace-gb", type=parse_as(Gigabytes),
+                         help="TensorRT workspace limit in GiB, > 0 (default: TensorRT's; Jetson: keep it small)")
+    engines.add_argument("--timing-cache", help="a timing-cache file, read and updated (full TensorRT; TensorRT-RTX has none)")
+    for command in sub.choices.values():  # -v after the command too
+        command.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
     return parser
 
 
@@ -192,4 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"walt-export: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outputs are staged or written atomically: nothing partial is left
+        print("walt-export: interrupted", file=sys.stderr)
+        return 130
     return 0

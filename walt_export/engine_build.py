@@ -10,9 +10,15 @@ line says why.
 
 Precision (docs/architecture.md §5, docs/tensorrt.md §5, §7): each stage's plan has the precision its policy gives
 the requested one, so the text encoder gets an FP32 plan for `--precision fp16` and `int8` alike. TensorRT 11 and
-TensorRT-RTX are strongly typed, so FP16 comes from the artifact's FP16 ONNX files; TensorRT 10.x builds the FP32
-files with its FP16 builder flag. INT8 comes from the Q/DQ files of `walt-export calibrate` (with the FP16 flag on
-TensorRT 10.x, so the layers left unquantized run in FP16).
+TensorRT-RTX are strongly typed, so FP16 comes from the artifact's FP16 ONNX files; an artifact exported without
+`--fp16` (`make demo`'s) gets them first, derived from its FP32 files exactly as `walt-export onnx --fp16` writes
+them, and listed in its manifest. TensorRT 10.x builds the FP32 files with its FP16 builder flag. INT8 comes from the
+Q/DQ files of `walt-export calibrate` (with the FP16 flag on TensorRT 10.x, so the layers left unquantized run in
+FP16).
+
+`build_engines` holds the artifact's lock (`runtime.files.artifact_lock`) for its whole run, removes what killed runs
+left (temporaries of its plans, build.json and the manifest, FP16 staging directories), and creates
+`engines/<target>/` only when it writes the first plan, so a run that fails before leaves nothing new.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -27,8 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import onnx
+from pydantic import TypeAdapter, ValidationError
+
 from runtime.engine_registry import (
     ATTENTION,
+    BUILD_JSON,
     ENGINES,
     Attention,
     EngineEntry,
@@ -40,12 +52,27 @@ from runtime.engine_registry import (
     read_registry,
     write_registry,
 )
-from runtime.errors import UsageError, WaltExportError, import_optional
-from runtime.files import atomic_output
-from runtime.manifest import ArtifactError, ModelFile, Precision, StageInfo, check_file, read_manifest, sha256_of
+from runtime.errors import UsageError, WaltExportError, describe_validation, import_optional
+from runtime.files import artifact_lock, atomic_output, remove_staging, remove_stale, staging_directory
+from runtime.manifest import (
+    MANIFEST,
+    ArtifactError,
+    Manifest,
+    ModelFile,
+    Precision,
+    StageInfo,
+    check_file,
+    read_manifest,
+    sha256_of,
+    write_manifest,
+)
+from runtime.request import Gigabytes
+from walt_export.onnx_fp16 import write_fp16_files
 from walt_export.window_attention.onnx_contract import PLUGIN_VERSION
 
 log = logging.getLogger(__name__)
+
+FP16_STAGING = "fp16"  # FP16 files derived for an artifact are staged in `.fp16.XXXX.tmp` inside it
 
 # ------------------------------------------------------------------------------------------------ one stage
 class EngineBuildError(WaltExportError, RuntimeError):
@@ -77,7 +104,8 @@ def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None
     for name, (low, opt, high) in profile_shapes(stage).items():
         profile.add(name, low, opt, high)
     if timing_cache is not None and trt.__name__ == "tensorrt_rtx":
-        log.info("ignoring the timing cache %s: TensorRT-RTX has none (its timing-cache calls are no-ops)", timing_cache)
+        log.warning("ignoring the timing cache %s: TensorRT-RTX has none (its timing-cache calls are no-ops)",
+                    timing_cache)
         timing_cache = None
     strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and not fp16_flag
     with _polygraphy_errors(logger, f"TensorRT could not build an engine from {Path(onnx_path).name}"):
@@ -176,14 +204,21 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
                   trt: ModuleType | None = None) -> tuple[Path, list[EngineDecision]]:
     """Build (or reuse) one engine per stage; returns the engine directory and one decision per stage.
 
-    Raises UsageError for a precision or attention path this cannot build, ArtifactError when the artifact lacks
-    what they need (INT8 files, a plugin-capable TensorRT), EngineBuildError when TensorRT refuses a model.
+    For FP16 engines with a strongly typed TensorRT (11, TensorRT-RTX), stages whose policy allows FP16 but that have
+    no FP16 files (an artifact exported without `--fp16`) get them first (`add_fp16_files`).
+
+    Args:
+        workspace_gb: TensorRT's workspace limit in GiB (a finite number > 0); None: TensorRT's default.
+    Raises UsageError for a precision, attention path or workspace it cannot build with (before anything else),
+    ArtifactError when the artifact lacks what they need (INT8 files, a plugin-capable TensorRT), BusyError while
+    another command writes into the artifact, EngineBuildError when TensorRT refuses a model.
     """
     directory = Path(directory)
     check_engine_precision(precision)
     if attention not in ATTENTION:
         raise UsageError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-    manifest = read_manifest(directory)
+    workspace_bytes = _workspace(workspace_gb)
+    read_manifest(directory)  # an artifact directory, before its lock file is made beside it
     trt = trt or import_tensorrt()
     if attention == "plugin":
         if trt.__name__ == "tensorrt_rtx":
@@ -194,37 +229,81 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
         register_plugin()  # the parser maps the plugin variant's wattn nodes to it
     target = detect_target(trt)
     out = directory / ENGINES / target.directory_name
-    out.mkdir(parents=True, exist_ok=True)
-    registry = read_registry(out)
     weakly_typed = hasattr(trt.BuilderFlag, "FP16")
-    if precision == "int8" or not weakly_typed:  # TensorRT 10.x alone makes FP16 engines of the FP32 files
-        manifest.require_files(precision, directory, f" to build {precision} engines from with {trt.__name__} "
-                                                     f"{trt.__version__}")
-    decisions = []
-    for name, stage in manifest.stages.items():
-        plan_precision, model, fp16_flag = source_file(stage, precision, attention, weakly_typed)
-        check_file(directory, model)
-        wanted = EngineKey(stage=name, precision=plan_precision, source_file=model.file, source_sha256=model.sha256,
-                           attention=attention if stage.has_window_attention else None, profile=stage.profile,
-                           plugin_version=PLUGIN_VERSION if stage.has_window_attention else None, target=target)
-        plan = out / plan_name(name, plan_precision)
-        reason = _rebuild_reason(registry.engines.get(plan.name), wanted, plan)
-        if reason is None:
-            log.info("%s: reusing %s", name, plan.name)
-            decisions.append(EngineDecision(name, plan, None))
-            continue
-        log.info("%s: building %s (%s)", name, plan.name, reason)
-        start = time.perf_counter()
-        serialized = build_engine(directory / model.file, stage, trt, _workspace(workspace_gb), fp16_flag,
-                                  timing_cache)
-        with atomic_output(plan) as tmp:
-            tmp.write_bytes(serialized)
-        entry = EngineEntry(**wanted.model_dump(), plan=plan.name, plan_sha256=sha256_of(plan),
-                            build_seconds=round(time.perf_counter() - start, 3))
-        registry = registry.model_copy(update={"engines": {**registry.engines, plan.name: entry}})
-        write_registry(out, registry)
-        decisions.append(EngineDecision(name, plan, reason))
+    with artifact_lock(directory):
+        manifest = read_manifest(directory)  # again, under the lock: another command may have changed it meanwhile
+        if precision == "int8":
+            manifest.require_files(precision, directory, f" to build {precision} engines from with {trt.__name__} "
+                                                         f"{trt.__version__}")
+        elif not weakly_typed:  # TensorRT 10.x alone makes FP16 engines of the FP32 files
+            manifest = add_fp16_files(directory, manifest)
+        remove_stale(out / BUILD_JSON)
+        registry = read_registry(out)
+        decisions = []
+        for name, stage in manifest.stages.items():
+            plan_precision, model, fp16_flag = source_file(stage, precision, attention, weakly_typed)
+            check_file(directory, model)
+            wanted = EngineKey(stage=name, precision=plan_precision, source_file=model.file,
+                               source_sha256=model.sha256, attention=attention if stage.has_window_attention else None,
+                               profile=stage.profile,
+                               plugin_version=PLUGIN_VERSION if stage.has_window_attention else None, target=target)
+            plan = out / plan_name(name, plan_precision)
+            remove_stale(plan)
+            reason = _rebuild_reason(registry.engines.get(plan.name), wanted, plan)
+            if reason is None:
+                log.info("%s: reusing %s", name, plan.name)
+                decisions.append(EngineDecision(name, plan, None))
+                continue
+            log.info("%s: building %s (%s)", name, plan.name, reason)
+            start = time.perf_counter()
+            serialized = build_engine(directory / model.file, stage, trt, workspace_bytes, fp16_flag, timing_cache)
+            with atomic_output(plan) as tmp:  # makes engines/<target>/ with the first plan
+                tmp.write_bytes(serialized)
+            entry = EngineEntry(**wanted.model_dump(), plan=plan.name, plan_sha256=sha256_of(plan),
+                                build_seconds=round(time.perf_counter() - start, 3))
+            registry = registry.model_copy(update={"engines": {**registry.engines, plan.name: entry}})
+            write_registry(out, registry)
+            decisions.append(EngineDecision(name, plan, reason))
     return out, decisions
+
+
+def add_fp16_files(directory: Path, manifest: Manifest) -> Manifest:
+    """The manifest after giving every stage whose policy allows FP16 but that has no FP16 files the ones
+    `walt-export onnx --fp16` would have written (same names, same entries), derived from its FP32 files.
+
+    The files are written into a staging directory inside the artifact, moved in when all are complete, and then
+    listed in manifest.json (written atomically); a killed run leaves at most complete files the manifest does not
+    list, which the next run replaces. Call it only while holding the artifact's lock.
+
+    Raises ArtifactError when an FP32 file is missing or does not match its sha256.
+    """
+    staging = directory / FP16_STAGING
+    remove_staging(staging)  # what killed runs left
+    remove_stale(directory / MANIFEST)
+    missing = [name for name, stage in manifest.stages.items()
+               if "fp16" in stage.precision.allowed and "fp16" not in stage.precisions]
+    if not missing:
+        return manifest
+    sources = {name: check_file(directory, manifest.stages[name].file("fp32")) for name in missing}
+    staged = staging_directory(staging)
+    derived, hashes = {}, {}
+    try:
+        for name, source in sources.items():
+            canonical = onnx.load(str(source), load_external_data=False)
+            derived[name] = write_fp16_files(name, canonical, directory, staged, hashes)
+        for path in staged.iterdir():
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    stages = {name: stage.model_copy(update={"files": (
+        *[f for f in stage.files if f.precision == "fp32"], *derived.get(name, ()),
+        *[f for f in stage.files if f.precision != "fp32"])}) for name, stage in manifest.stages.items()}
+    manifest = manifest.model_copy(update={"stages": stages})
+    write_manifest(directory, manifest)
+    log.info("derived FP16 files from the FP32 files of %s (the artifact was exported without --fp16) and listed "
+             "them in its manifest: %s", ", ".join(missing),
+             ", ".join(f.file for files in derived.values() for f in files))
+    return manifest
 
 
 def _rebuild_reason(entry: EngineEntry | None, wanted: EngineKey, plan: Path) -> str | None:
@@ -237,4 +316,12 @@ def _rebuild_reason(entry: EngineEntry | None, wanted: EngineKey, plan: Path) ->
 
 
 def _workspace(gb: float | None) -> int | None:
-    return None if gb is None else int(gb * 2**30)
+    """TensorRT's workspace limit in bytes for `gb` GiB; UsageError unless it is None or a `Gigabytes` (finite, > 0)."""
+    if gb is None:
+        return None
+    try:
+        gb = TypeAdapter(Gigabytes).validate_python(gb, strict=True)
+    except ValidationError as e:
+        raise UsageError(f"workspace_gb (--workspace-gb) is TensorRT's workspace limit in GiB: "
+                         f"{describe_validation(e)}") from None
+    return int(gb * 2**30)

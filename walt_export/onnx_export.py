@@ -21,7 +21,6 @@ import importlib.metadata
 import itertools
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,10 +31,10 @@ import onnx
 import torch
 from torch import nn
 
-from runtime.files import replace_directory
+from runtime.files import artifact_lock, check_output, remove_staging, replace_directory, staging_directory
 from runtime.manifest import (
-    MANIFEST,
     ArtifactError,
+    DataFile,
     LatentInfo,
     Manifest,
     ModelFile,
@@ -45,11 +44,13 @@ from runtime.manifest import (
     TextInfo,
     parse_dim,
     read_identity,
+    sha256_of,
+    write_manifest,
 )
 from walt_export.config import CascadeConfig
 from walt_export.export_specs import ExportSpec, export_specs
-from walt_export.onnx_files import data_files, save_model
-from walt_export.onnx_fp16 import fp16_variant
+from walt_export.onnx_files import save_model
+from walt_export.onnx_fp16 import write_fp16_files
 from walt_export.window_attention.onnx_contract import (
     check_model,
     onnx_function,
@@ -156,20 +157,10 @@ def write_variants(spec: ExportSpec, canonical: onnx.ModelProto, directory: Path
 
     FP16 files are written when `fp16` is set and the stage's precision policy allows FP16.
     """
-    precisions = [("fp32", canonical)]
+    hashes: dict[str, str] = {}  # data file -> sha256: the plugin and fallback variants share their canonical's
+    files = write_attention_variants(canonical, directory / f"{spec.name}.onnx", "fp32", hashes)
     if fp16 and "fp16" in spec.precision.allowed:
-        half = fp16_variant(canonical, base_dir=directory)
-        path = directory / f"{spec.name}.fp16.onnx"
-        large = bool(data_files(canonical))
-        save_model(half, path, data=f"{path.name}.data" if large else None)
-        if large:
-            half = onnx.load(str(path), load_external_data=False)
-        check_model(path)
-        precisions.append(("fp16", half))
-    files, hashes = [], {}  # data file -> sha256: the plugin and fallback variants share their canonical's
-    for precision, model in precisions:
-        stem = spec.name if precision == "fp32" else f"{spec.name}.fp16"
-        files += write_attention_variants(model, directory / f"{stem}.onnx", precision, hashes)
+        files += write_fp16_files(spec.name, canonical, directory, hashes=hashes)
     return files
 
 
@@ -207,7 +198,7 @@ def export_artifacts(cfg: CascadeConfig, components: Callable[[str], nn.Module |
                     precision=spec.precision, denoiser=spec.denoiser,
                 )
         manifest = _manifest(cfg, source, stages, tmp)
-        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        write_manifest(tmp, manifest)
     log.info("wrote %s: %s", out, ", ".join(stages))
     return manifest
 
@@ -217,14 +208,19 @@ def _manifest(cfg: CascadeConfig, source: SourceInfo, stages: dict[str, StageInf
     c, t, h, w = tk.latent_shape(cfg.frames, cfg.height, cfg.width)
     text = None
     if te is not None:
-        tokenizer_dir = None
+        tokenizer_dir, tokenizer_files = None, []
         if te.pretrained_dir is not None:
             tokenizer_dir = "tokenizer"
             (directory / tokenizer_dir).mkdir()
             for name in ("tokenizer.json", "spiece.model"):
                 if (Path(te.pretrained_dir) / name).is_file():
-                    shutil.copy2(Path(te.pretrained_dir) / name, directory / tokenizer_dir / name)
-        text = TextInfo(max_length=te.max_length, tokenizer_dir=tokenizer_dir)
+                    file = f"{tokenizer_dir}/{name}"
+                    shutil.copy2(Path(te.pretrained_dir) / name, directory / file)
+                    tokenizer_files.append(DataFile(file=file, sha256=sha256_of(directory / file)))
+            if not tokenizer_files:
+                raise ArtifactError(f"{te.pretrained_dir} has no tokenizer.json or spiece.model; copy the T5 "
+                                    "checkpoint's tokenizer files beside its weights")
+        text = TextInfo(max_length=te.max_length, tokenizer_dir=tokenizer_dir, tokenizer_files=tuple(tokenizer_files))
     return Manifest(
         name=cfg.name, source=source, config=cfg.model_dump(mode="json"),
         frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
@@ -247,6 +243,8 @@ def _staging(out: Path, name: str, source: SourceInfo) -> Iterator[Path]:
     """A temporary directory beside `out`, renamed onto it when the block succeeds, removed when it fails.
 
     `out` may be new, empty, or hold an artifact (of any format version) of the same weights, which is replaced.
+    Held under the artifact's lock (one writer at a time; BusyError otherwise), which also makes the staging
+    directories of a killed export (`.NAME.*.tmp`) safe to remove first.
     """
     if out.exists():
         if not out.is_dir():
@@ -263,15 +261,14 @@ def _staging(out: Path, name: str, source: SourceInfo) -> Iterator[Path]:
                             "verify`, `calibrate`, `engines`)", out, ", ".join(derived))
         elif any(out.iterdir()):
             raise ArtifactError(f"{out} exists and is not an artifact directory; pass a new or empty --out directory")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise ArtifactError(f"cannot write into {out.parent}: {e.strerror}; pass an --out in a writable place") from None
-    try:
-        yield tmp
-        replace_directory(tmp, out)  # an empty directory or the same artifact is replaced as a whole
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
+    check_output(out, "--out", "directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with artifact_lock(out):
+        remove_staging(out)
+        tmp = staging_directory(out)
+        try:
+            yield tmp
+            replace_directory(tmp, out)  # an empty directory or the same artifact is replaced as a whole
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -5,6 +5,9 @@ Float32 stays where float16 breaks: the sinusoidal timestep features (t * freq w
 float16's 11-bit mantissa), the statistics of decomposed norms (Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal: a
 squared activation above 256 overflows float16), and every op whose schema has no float16 type. A pure ONNX
 transformation; the plugin and fallback variants of the result come from `window_attention.onnx_contract`.
+
+`write_fp16_files` writes a stage's FP16 files from its saved FP32 model: `walt-export onnx --fp16` calls it while
+exporting, `walt-export engines` when an artifact exported without `--fp16` needs FP16 files. onnx only, no torch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from runtime.manifest import ModelFile
+from walt_export.onnx_files import data_files, save_model
+from walt_export.window_attention.onnx_contract import check_model, register_onnx_schema, write_attention_variants
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,7 @@ def fp16_variant(model: onnx.ModelProto, base_dir: str | Path | None = None) -> 
     Returns:
         a new model whose initializers are all in memory (save it with external data when large).
     """
+    register_onnx_schema()  # the types of `wattn` nodes are inferred and checked through their schema
     model = copy.deepcopy(model)
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -95,6 +103,27 @@ def fp16_variant(model: onnx.ModelProto, base_dir: str | Path | None = None) -> 
             value.type.tensor_type.elem_type = precision.get(value.name, FLOAT)
     log.info("fp16: %d nodes kept float32, %d casts", len(fp32_nodes), len(casts) + len(graph.output))
     return model
+
+
+def write_fp16_files(stage: str, canonical: onnx.ModelProto, directory: Path, out: Path | None = None,
+                     hashes: dict[str, str] | None = None) -> list[ModelFile]:
+    """Write `<stage>.fp16.onnx`, the FP16 variant of the stage's canonical FP32 model, and its plugin and fallback
+    variants; returns their manifest entries (file names relative to `out`).
+
+    Args:
+        canonical: the FP32 model as saved in `directory` (external weights need not be loaded: they are read from
+            there).
+        out: the directory to write into (default `directory`), e.g. a staging directory.
+        hashes: a cache of external-data sha256s (see `write_attention_variants`).
+    """
+    half = fp16_variant(canonical, base_dir=directory)
+    path = (out or directory) / f"{stage}.fp16.onnx"
+    large = bool(data_files(canonical))  # a model too large for one protobuf keeps its FP16 weights beside it too
+    save_model(half, path, data=f"{path.name}.data" if large else None)
+    if large:
+        half = onnx.load(str(path), load_external_data=False)
+    check_model(path)
+    return write_attention_variants(half, path, "fp16", hashes)
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -1,9 +1,12 @@
 """`walt-export verify`: every model of an artifact against its PyTorch reference, on the same seeded inputs.
 
+First every file the manifest lists is hashed (`Manifest.check_files`: all variants, precisions, external data and
+tokenizer files), so a deleted or modified file fails even where onnxruntime cannot run it (the plugin variant).
 For each stage, each file onnxruntime can run (canonical and fallback, FP32 and FP16; the plugin variant needs
-TensorRT's plugin) and each batch size: the reference runs in float32 PyTorch, the file in onnxruntime (CPU), and
-every output is compared against the tolerance of the file's precision. The table and `verify.json` record the
-max abs and max rel (max |diff| / max |reference|) error per output.
+TensorRT's plugin; INT8 files have no tolerance here, `walt-export calibrate`'s quality gates judge them) and each
+batch size: the reference runs in float32 PyTorch, the file in onnxruntime (CPU), and every output is compared
+against the tolerance of the file's precision. The table and `verify.json` record the max abs and max rel
+(max |diff| / max |reference|) error per output.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import torch
 from torch import nn
 
 from runtime.compare import Tolerance, find_mismatch
-from runtime.files import atomic_output
-from runtime.manifest import StageInfo, check_file, read_manifest
+from runtime.files import artifact_lock, atomic_output
+from runtime.manifest import StageInfo, read_manifest
 from runtime.runners import OnnxRuntimeRunner
 from walt_export.export_specs import BATCH, ExportSpec, export_specs
 from walt_export.torch_runner import reference_components
@@ -68,27 +71,34 @@ class Check:
 
 def verify_artifacts(directory: str | Path, checkpoint: str | Path | None = None, batches: tuple[int, ...] = (1, 2),
                      seed: int = 0, tolerances: dict[str, OutputTolerance] = TOLERANCES) -> list[Check]:
-    """Run every runnable file of the artifact against PyTorch; writes `verify.json` and returns the checks."""
+    """Check every file of the artifact, then run every runnable one against PyTorch; writes `verify.json` and
+    returns the checks.
+
+    Raises ArtifactError naming the file when one the manifest lists lies outside the directory, is missing or was
+    modified; BusyError when another command is writing the artifact.
+    """
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    cfg, components = reference_components(manifest, checkpoint)
-    specs = export_specs(cfg)
-    checks = []
-    for component, names in itertools.groupby(manifest.stages, key=lambda name: specs[name].component):
-        parent = components(component)
-        for name in names:
-            spec, stage = specs[name], manifest.stages[name]
-            checks += _verify_stage(directory, spec, stage, spec.module_of(parent), batches, seed, tolerances)
-    _write_json(directory / VERIFY_JSON, {"artifact": manifest.name, "batches": list(batches), "seed": seed,
-                                          "checks": [asdict(c) for c in checks]})
+    with artifact_lock(directory):
+        manifest = read_manifest(directory)
+        paths = manifest.check_files(directory)  # every file hashed once, runnable or not
+        cfg, components = reference_components(manifest, checkpoint)
+        specs = export_specs(cfg)
+        checks = []
+        for component, names in itertools.groupby(manifest.stages, key=lambda name: specs[name].component):
+            parent = components(component)
+            for name in names:
+                spec, stage = specs[name], manifest.stages[name]
+                checks += _verify_stage(paths, spec, stage, spec.module_of(parent), batches, seed, tolerances)
+        _write_json(directory / VERIFY_JSON, {"artifact": manifest.name, "batches": list(batches), "seed": seed,
+                                              "checks": [asdict(c) for c in checks]})
     return checks
 
 
-def _verify_stage(directory: Path, spec: ExportSpec, stage: StageInfo, module: nn.Module, batches: tuple[int, ...],
-                  seed: int, tolerances: dict[str, OutputTolerance]) -> list[Check]:
+def _verify_stage(paths: dict[str, Path], spec: ExportSpec, stage: StageInfo, module: nn.Module,
+                  batches: tuple[int, ...], seed: int, tolerances: dict[str, OutputTolerance]) -> list[Check]:
+    """`paths`: the checked path of each model file (`Manifest.check_files`)."""
     checks = []
-    runnable = [file for file in stage.files if file.variant in RUNNABLE_VARIANTS]
-    paths = {file.file: check_file(directory, file) for file in runnable}  # hashed once, not once per batch
+    runnable = [file for file in stage.files if file.variant in RUNNABLE_VARIANTS and file.precision in tolerances]
     for batch in batches:  # one batch's reference outputs in memory at a time (video-sized for the tokenizer)
         inputs = spec.sample_inputs(torch.Generator().manual_seed(seed), **{BATCH: batch})
         with torch.no_grad():

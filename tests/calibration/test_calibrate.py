@@ -1,6 +1,8 @@
 """INT8 calibration of the micro artifact: data, structure, gates, proof of effect, and the runtime on INT8."""
 
 import json
+import math
+import re
 import shutil
 
 import numpy as np
@@ -11,12 +13,15 @@ from onnx import numpy_helper
 from calibration.calibrate import INT8_DIR, REPORT, calibrate_artifacts
 from calibration.capture import capture, requests, spread
 from calibration.quantize import qdq_problems, qdq_summary
-from calibration.report import Gates, failures, psnr
+from calibration.report import PSNR_LIMIT_DB, Gates, failures, psnr, report_json
+from runtime.errors import UsageError
+from runtime.files import BusyError, artifact_lock
 from runtime.manifest import ArtifactError, read_manifest
 from runtime.pipeline import Pipeline
 from walt_export.cli import main as walt_export
 
 SMALL = {"samples": 2, "held_out": 1, "timesteps": 4}  # the micro cascade: 50 steps per stage
+LEFTOVERS = (".int8.k3j9ab.tmp", ".int8.x7w2cd.old")  # staging and swapped-out directories of killed runs
 
 
 def _copy(micro_artifacts, tmp_path_factory, name: str):
@@ -28,9 +33,20 @@ def _copy(micro_artifacts, tmp_path_factory, name: str):
 
 @pytest.fixture(scope="module")
 def calibrated(micro_artifacts, tmp_path_factory):
-    """A copy of the micro artifact calibrated once at the default gates: (directory, report)."""
+    """A copy of the micro artifact, with what killed calibrations left (`LEFTOVERS`), calibrated once at the
+    default gates: (directory, report)."""
     copy = _copy(micro_artifacts, tmp_path_factory, "int8")
+    for name in LEFTOVERS:
+        (copy / name / "int8").mkdir(parents=True)
+        (copy / name / "int8" / "base.onnx").write_bytes(b"half written")
+    (copy / ".manifest.q1w2er.tmp.json").write_text("{")
     return copy, calibrate_artifacts(copy, **SMALL)
+
+
+def test_a_killed_run_s_leftovers_are_removed_and_the_run_leaves_none(calibrated):
+    directory, _ = calibrated
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith(".")) == []
+    assert (directory / INT8_DIR / REPORT).is_file()
 
 
 def test_calibration_data_is_deterministic_and_spans_the_schedule(micro_artifacts):
@@ -176,10 +192,48 @@ def test_bad_requests_are_explained(micro_artifacts, tmp_path, capsys):
     assert "no prompts file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="bad gate 'min_cosine=high'"):
         Gates.parse(["min_cosine=high"])
+    assert walt_export(["calibrate", "--artifacts", str(directory), "--gate", "min_cosine=nan"]) == 1
+    assert "bad gate 'min_cosine=nan': a gate must be a finite number" in capsys.readouterr().err
+    for gate in ("min_cosine=nan", "max_flicker_ratio=inf", "min_video_psnr_db=-inf"):
+        with pytest.raises(UsageError, match=rf"bad gate '{gate}': a gate must be a finite number \(default "):
+            Gates.parse([gate])
+    with pytest.raises(ValueError, match="not JSON compliant"):  # the report's guard: no NaN in report.json
+        report_json({"gates": {"min_cosine": math.nan}})
+    assert psnr(np.ones(3), np.ones(3)) == -psnr(np.zeros(3), np.ones(3)) == PSNR_LIMIT_DB  # JSON has no infinity
     report = {"stages": {"sr2": {"quality": {"cosine_min": 0.9, "psnr_db_min": 40.0}}},
               "video": {"psnr_db_min": 30.0, "flicker_ratio_max": 2.0}}
     assert failures(report, Gates()) == ["sr2: cosine 0.900000 < min_cosine 0.985",
                                          "video: flicker ratio 2.000 > max_flicker_ratio 1.1"]
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"timesteps": 5000}, (r"timesteps must be in \[1, 50\] \(the denoising steps of this artifact's "
+                           r"schedule\), got 5000")),
+    ({"timesteps": 0}, r"timesteps: Input should be greater than or equal to 1 \(got 0\)"),
+    ({"samples": 0}, r"samples: Input should be greater than or equal to 1 \(got 0\)"),
+    ({"held_out": -1}, r"held_out: Input should be greater than or equal to 1 \(got -1\)"),
+    ({"seed": -1}, r"seed: Input should be greater than or equal to 0 \(got -1\)"),
+    ({"threads": -2}, r"threads: Input should be greater than or equal to 0 \(got -2\)"),
+    ({"method": "median"}, r"method: Input should be 'minmax', 'entropy' or 'percentile' \(got 'median'\)"),
+])
+def test_settings_out_of_range_are_refused_before_any_model_runs(micro_artifacts, monkeypatch, settings, message):
+    directory, manifest = micro_artifacts
+    assert manifest.schedule.num_inference_steps == 50
+
+    def cascade(*args, **kwargs):
+        raise AssertionError("the FP32 cascade ran")
+
+    monkeypatch.setattr("calibration.calibrate.capture", cascade)
+    with pytest.raises(UsageError, match=message):
+        calibrate_artifacts(directory, **{**SMALL, **settings})
+
+
+def test_calibration_is_refused_while_another_command_writes_the_artifact(micro_artifacts, monkeypatch):
+    directory, _ = micro_artifacts
+    monkeypatch.setattr("calibration.calibrate.capture", lambda *args, **kwargs: pytest.fail("the cascade ran"))
+    with artifact_lock(directory), pytest.raises(BusyError, match=rf"another walt-export command is writing "
+                                                                  rf"{re.escape(str(directory))}"):
+        calibrate_artifacts(directory, **SMALL)
 
 
 def test_tensorrt_rtx_builds_the_int8_engines(calibrated):

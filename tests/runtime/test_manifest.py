@@ -1,11 +1,24 @@
 """The manifest schema: reading, version and hash checks, named dims; and a failed export leaves nothing."""
 
+import hashlib
 import json
 import re
+import shutil
 
 import pytest
 
-from runtime.manifest import ArtifactError, check_file, parse_dim, read_manifest, resolve_dim
+from runtime.engine_registry import BUILD_JSON, ENGINES, Target, check_plan, find_plan
+from runtime.files import artifact_lock_file
+from runtime.manifest import (
+    ArtifactError,
+    DataFile,
+    check_file,
+    parse_dim,
+    read_manifest,
+    resolve_dim,
+    sha256_of,
+)
+from walt_export.config import CascadeConfig
 
 
 def test_named_dims():
@@ -78,7 +91,8 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, micro, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         onnx_export.export_artifacts(micro.config, lambda name: getattr(micro, name), tmp_path / "art",
                                      {"preset": "micro", "seed": 0})
-    assert list(tmp_path.iterdir()) == []  # neither the artifact nor its temporary directory
+    # neither the artifact nor its temporary directory; only the (empty, released) lock file of the artifact
+    assert [p for p in tmp_path.iterdir() if p != artifact_lock_file(tmp_path / "art")] == []
 
 
 def test_the_re_export_command_may_replace_an_artifact_of_the_previous_version(tmp_path, micro_artifacts, caplog):
@@ -95,10 +109,181 @@ def test_the_re_export_command_may_replace_an_artifact_of_the_previous_version(t
     (old / "verify.json").write_text("{}")
     with _staging(old, "micro", SourceInfo(preset="micro", seed=0)) as staged:
         (staged / "manifest.json").write_text("{}")
-    assert (old / "manifest.json").read_text() == "{}" and not [p for p in tmp_path.iterdir() if p.name[0] == "."]
+    assert (old / "manifest.json").read_text() == "{}"
+    assert not [p for p in tmp_path.iterdir() if p.name[0] == "." and p != artifact_lock_file(old)]  # nothing staged
     assert "replaces it as a whole: engines, verify.json will be gone" in caplog.text  # said, not silent
     (tmp_path / "other").mkdir()
     other = edited(tmp_path / "other", directory, format_version=1, source={"preset": "micro", "seed": 0})
     with pytest.raises(ArtifactError, match=r"already holds another artifact \(micro, preset=micro, seed=0\)"):
         with _staging(other, "micro", SourceInfo(preset="micro", seed=1)):
             pass
+
+
+# ------------------------------------------------------------------------------- paths inside the artifact
+def tampered(tmp_path, directory, edit):
+    """A copy of the artifact in `directory` whose manifest document `edit` has changed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    edit(data)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../micro/base.plugin.onnx", "int8/../base.onnx", "a//b.onnx",
+                                  "int8\\base.onnx"])
+def test_a_manifest_path_outside_the_directory_is_refused(tmp_path, micro_artifacts, path):
+    directory, _ = micro_artifacts
+
+    def edit(data):
+        data["stages"]["base"]["files"][0]["file"] = path
+
+    with pytest.raises(ArtifactError, match=re.escape(
+            "stages.base.files.0.file: must be a relative path inside the artifact directory")) as refused:
+        read_manifest(tampered(tmp_path, directory, edit))
+    assert repr(path) in str(refused.value)
+
+
+def test_a_tokenizer_dir_outside_the_directory_is_refused(tmp_path, micro_artifacts):
+    directory, _ = micro_artifacts
+
+    def edit(data):
+        data["text"].update(tokenizer_dir="../tokenizer",
+                            tokenizer_files=[{"file": "../tokenizer/tokenizer.json", "sha256": "0" * 64}])
+
+    with pytest.raises(ArtifactError, match=r"text\.tokenizer_dir: must be a relative path inside the artifact"):
+        read_manifest(tampered(tmp_path, directory, edit))
+
+    def unhashed(data):
+        data["text"]["tokenizer_dir"] = "tokenizer"
+
+    with pytest.raises(ArtifactError, match="tokenizer_dir 'tokenizer' needs tokenizer_files"):
+        read_manifest(tampered(tmp_path / "unhashed", directory, unhashed))
+
+
+def test_a_symlink_out_of_the_directory_is_refused_even_with_the_right_sha256(tmp_path, micro_artifacts):
+    directory, manifest = micro_artifacts
+    copy = tampered(tmp_path, directory, lambda data: None)
+    plugin = manifest.stage("base").file("fp32", "plugin")
+    outside = tmp_path / "outside.onnx"
+    shutil.copyfile(directory / plugin.file, outside)  # the same bytes: refused for where it is, not for its hash
+    (copy / plugin.file).unlink()
+    (copy / plugin.file).symlink_to(outside)
+    for check in (lambda: check_file(copy, plugin), lambda: read_manifest(copy).check_files(copy)):
+        with pytest.raises(ArtifactError, match=re.escape(f"{copy / plugin.file} resolves outside {copy} (to "
+                                                          f"{outside}); the artifact is refused")):
+            check()
+    (copy / plugin.file).unlink()
+    (copy / plugin.file).symlink_to(copy / "base.onnx")  # inside: only its sha256 decides
+    with pytest.raises(ArtifactError, match="base.plugin.onnx does not match the manifest"):
+        check_file(copy, plugin)
+
+
+def test_check_files_hashes_every_file_of_every_variant(tmp_path, micro_artifacts):
+    directory, manifest = micro_artifacts
+    paths = manifest.check_files(directory)
+    assert set(paths) == {f.file for stage in manifest.stages.values() for f in stage.files}
+    assert paths["sr2.fp16.plugin.onnx"] == directory / "sr2.fp16.plugin.onnx"
+    copy = tampered(tmp_path, directory, lambda data: None)
+    (copy / "sr2.fp16.plugin.onnx").write_bytes(b"")
+    with pytest.raises(ArtifactError, match="sr2.fp16.plugin.onnx does not match the manifest"):
+        manifest.check_files(copy)
+
+
+def with_tokenizer(tmp_path, directory, content=b'{"model": "t5"}'):
+    """A copy of the artifact whose text encoder uses a pretrained tokenizer: tokenizer/tokenizer.json, hashed."""
+    def edit(data):
+        data["text"].update(tokenizer_dir="tokenizer", tokenizer_files=[
+            {"file": "tokenizer/tokenizer.json", "sha256": hashlib.sha256(content).hexdigest()}])
+
+    copy = tampered(tmp_path, directory, edit)
+    (copy / "tokenizer").mkdir()
+    (copy / "tokenizer" / "tokenizer.json").write_bytes(content)
+    return copy
+
+
+def test_tokenizer_files_are_hashed(tmp_path, micro_artifacts):
+    directory, manifest = micro_artifacts
+    assert manifest.check_tokenizer(directory) is None  # the byte tokenizer
+    copy = with_tokenizer(tmp_path, directory)
+    manifest = read_manifest(copy)
+    assert manifest.check_tokenizer(copy) == copy / "tokenizer"
+    (copy / "tokenizer" / "spiece.model").write_bytes(b"unlisted")  # the loader would read what nobody hashed
+    with pytest.raises(ArtifactError, match=r"tokenizer holds files its manifest does not list \(spiece\.model\)"):
+        manifest.check_files(copy)
+    (copy / "tokenizer" / "spiece.model").unlink()
+    (copy / "tokenizer" / "tokenizer.json").write_bytes(b'{"model": "evil"}')
+    with pytest.raises(ArtifactError, match="tokenizer/tokenizer.json does not match the manifest"):
+        manifest.check_tokenizer(copy)
+    (copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match="tokenizer/tokenizer.json is missing"):
+        manifest.check_files(copy)
+
+
+def test_a_tokenizer_dir_linked_out_of_the_directory_is_refused(tmp_path, micro_artifacts):
+    directory, _ = micro_artifacts
+    copy = with_tokenizer(tmp_path, directory)
+    shutil.move(copy / "tokenizer", tmp_path / "elsewhere")  # the same files, hashes right, outside
+    (copy / "tokenizer").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ArtifactError, match=f"{re.escape(str(copy / 'tokenizer'))} resolves outside"):
+        read_manifest(copy).check_tokenizer(copy)
+
+
+def test_the_exporter_records_the_tokenizer_files_it_copies(tmp_path, micro_artifacts):
+    from walt_export.onnx_export import _manifest
+
+    _, manifest = micro_artifacts
+    cfg = CascadeConfig.model_validate(manifest.config)
+    pretrained = tmp_path / "t5"
+    pretrained.mkdir()
+    (pretrained / "tokenizer.json").write_text('{"model": "t5"}')
+    cfg = cfg.model_copy(update={"text_encoder": cfg.text_encoder.model_copy(update={"pretrained_dir":
+                                                                                     str(pretrained)})})
+    (tmp_path / "art").mkdir()
+    written = _manifest(cfg, manifest.source, manifest.stages, tmp_path / "art")
+    assert written.text.tokenizer_files == (DataFile(file="tokenizer/tokenizer.json",
+                                                     sha256=sha256_of(pretrained / "tokenizer.json")),)
+    assert written.check_tokenizer(tmp_path / "art") == tmp_path / "art" / "tokenizer"
+    (pretrained / "tokenizer.json").unlink()
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ArtifactError, match="has no tokenizer.json or spiece.model"):
+        _manifest(cfg, manifest.source, manifest.stages, tmp_path / "other")
+
+
+def registry_with(out, plan, key, name):
+    """A build.json in `out` whose entry `key` names the plan file `name` (the file `plan` holds its bytes)."""
+    target = Target(tensorrt="tensorrt", version="10.3.0", device="Orin", compute_capability="8.7")
+    entry = {"stage": "base", "precision": "fp16", "source_file": "base.onnx", "source_sha256": "0" * 64,
+             "attention": None, "profile": {"batch": [1, 2, 8]}, "plugin_version": None,
+             "target": target.model_dump(), "plan": name, "plan_sha256": sha256_of(plan), "build_seconds": 0.1}
+    (out / BUILD_JSON).write_text(json.dumps({"format": "walt-export-engines", "format_version": 1,
+                                              "engines": {key: entry}}))
+    return target
+
+
+def test_a_registry_naming_a_plan_outside_its_directory_is_refused(tmp_path):
+    out = tmp_path / "art" / ENGINES / "orin-sm87-trt10.3.0"
+    out.mkdir(parents=True)
+    plan = out / "base.fp16.plan"
+    plan.write_bytes(b"a plan")
+    for key, name in [("base.fp16.plan", "../x.plan"), ("../x.plan", "base.fp16.plan")]:
+        target = registry_with(out, plan, key, name)
+        with pytest.raises(ArtifactError, match="must be a file name in the engine directory") as refused:
+            check_plan(plan, None, target)
+        assert "'../x.plan'" in str(refused.value)
+    target = registry_with(out, plan, "base.fp16.plan", "base.fp16.plan")
+    assert check_plan(plan, None, target).plan == "base.fp16.plan"
+    shutil.move(plan, tmp_path / "x.plan")  # the same bytes, outside the engine directory
+    plan.symlink_to(tmp_path / "x.plan")
+    with pytest.raises(ArtifactError, match=f"{re.escape(str(plan))} resolves outside {re.escape(str(out))}"):
+        check_plan(plan, None, target)
+
+
+def test_find_plan_refuses_a_stage_name_that_leaves_the_engine_directory(tmp_path, monkeypatch):
+    from runtime import engine_registry
+
+    target = Target(tensorrt="tensorrt", version="10.3.0", device="Orin", compute_capability="8.7")
+    monkeypatch.setattr(engine_registry, "detect_target", lambda trt: target)
+    (tmp_path / ENGINES / target.directory_name).mkdir(parents=True)
+    with pytest.raises(ArtifactError, match=r"the stage name '\.\./\.\./base' gives a plan path outside"):
+        find_plan(tmp_path, "../../base", "fp16", None)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -87,9 +88,10 @@ def test_generate_cli_writes_an_h264_mp4_without_torch(micro_artifacts, tmp_path
     directory, _ = micro_artifacts
     out = tmp_path / "cat.mp4"
     result = runtime_cli("generate", "--artifacts", str(directory), "--prompt", "a cat", "--out", str(out),
-                         "--steps", "2", "--png-dir", str(tmp_path / "png"), block_torch=True)
+                         "--steps", "2", "--png-dir", str(tmp_path / "png"), "--progress", "on", block_torch=True)
     assert result.returncode == 0, result.stderr
-    assert "base  [####################] 2/2" in result.stderr and "wrote" in result.stdout
+    assert re.search(r"base .*2/2 \[[0-9:]+<[0-9:]+, +[0-9.]+(step/s|s/step)\]", result.stderr), result.stderr  # tqdm
+    assert "wrote" in result.stdout
     frames, fps, codec = read_video(out)
     assert frames.shape == (9, 128, 128, 3) and fps == 8.0 and codec == "h264"
     assert len(list((tmp_path / "png").glob("frame_*.png"))) == 9
@@ -156,7 +158,8 @@ def test_render_resumes_after_being_killed_mid_job(micro_artifacts, tmp_path):
     last_run = {Path(r["output"]).name: r["status"] for r in results[-3:]}
     assert last_run["clip0.mp4"] == "skipped" and last_run["clip2.mp4"] == "done"
     assert (out / "clip0.mp4").stat().st_mtime_ns == first  # not redone
-    assert sorted(p.name for p in out.iterdir()) == ["clip0.mp4", "clip1.mp4", "clip2.mp4", "results.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".locks", "clip0.mp4", "clip1.mp4", "clip2.mp4", "results.jsonl"]
+    assert {p.suffix for p in (out / ".locks").iterdir()} == {".lock"}  # the stale temporary file is gone
 
 
 

@@ -1,3 +1,4 @@
+import logging
 import subprocess
 import sys
 
@@ -27,6 +28,30 @@ def test_empty_prompt_is_just_end_of_sequence():
     assert ids[0].tolist() == [1, 0, 0, 0] and mask[0].tolist() == [1, 0, 0, 0]
 
 
+def test_a_cut_prompt_warns_once_with_the_text_kept(caplog):
+    prompt = ("a corgi surfing a wave at sunset, " * 150)[:5000]
+    with caplog.at_level(logging.WARNING, logger="runtime.text_tokenizer"):
+        ids, _ = ByteTokenizer(32)([prompt, ""])
+    assert [r.getMessage() for r in caplog.records] == [("the prompt has 5000 tokens; the text encoder reads 31 "
+                                                         "(+ end of sequence): only 'a corgi surfing a wave at sunse' "
+                                                         "is used")]
+    assert ids[0, -1] == 1
+
+
+def test_prompts_that_fit_do_not_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="runtime.text_tokenizer"):
+        ByteTokenizer(4)(["", "abc"])  # the unconditional prompt and one that fits exactly
+    assert caplog.records == []
+
+
+def test_a_long_kept_text_is_shown_elided(caplog):
+    with caplog.at_level(logging.WARNING, logger="runtime.text_tokenizer"):
+        ByteTokenizer(201)(["x" * 300])
+    elided = f"'{'x' * 77}...{'x' * 78}'"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the prompt has 300 tokens; the text encoder reads 200 (+ end of sequence): only {elided} is used"]
+
+
 def test_non_string_prompts_are_rejected():
     with pytest.raises(TypeError, match="prompts must be strings, got int"):
         ByteTokenizer(4)(["ok", 3])
@@ -44,7 +69,15 @@ def test_tokenizer_json(tmp_path):
     assert ids[1, :5].tolist() == [3 + WORDS.index(w) for w in "the dog running in the".split()]
 
 
-def test_sentencepiece_model(tmp_path):
+def test_a_cut_prompt_of_a_pretrained_tokenizer_warns_with_its_decoded_text(tmp_path, caplog):
+    write_tokenizer_json(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="runtime.text_tokenizer"):
+        load_text_tokenizer(tmp_path, 6)(["the dog running in the park", "a cat", ""])
+    assert [r.getMessage() for r in caplog.records] == [
+        "the prompt has 6 tokens; the text encoder reads 5 (+ end of sequence): only 'the dog running in the' is used"]
+
+
+def test_sentencepiece_model(tmp_path, caplog):
     spm = pytest.importorskip("sentencepiece")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"a {w} {v} in the park" for w in WORDS for v in WORDS))
@@ -54,6 +87,10 @@ def test_sentencepiece_model(tmp_path):
     expected = spm.SentencePieceProcessor(model_file=str(tmp_path / "spiece.model")).encode("a cat in the park")
     assert ids[0, : len(expected) + 1].tolist() == expected + [1]
     assert mask.sum() == len(expected) + 1
+    ids, _ = PretrainedTokenizer(tmp_path, 3)(["a cat in the park"])
+    kept = spm.SentencePieceProcessor(model_file=str(tmp_path / "spiece.model")).decode(expected[:2])
+    assert "a cat in the park".startswith(kept) and len(kept) > 0
+    assert f"only '{kept}' is used" in caplog.text
 
 
 def test_directory_without_tokenizer_files(tmp_path):

@@ -219,3 +219,33 @@ def test_artifact_files_get_the_usual_permissions(micro_artifacts):
     os.umask(umask)
     assert (directory.stat().st_mode & 0o777) == 0o777 & ~umask
     assert {p.stat().st_mode & 0o777 for p in directory.iterdir()} == {0o666 & ~umask}
+
+
+def test_an_export_removes_what_a_killed_one_left_and_waits_for_no_other(tmp_path, micro):
+    """kill -9 during `walt-export onnx` leaves `.NAME.XXXX.tmp/` (and, mid-swap, `.NAME.XXXX.old/`) beside --out:
+    the next export removes them under the artifact lock; while another export holds the lock, it is refused."""
+    from runtime.files import BusyError, artifact_lock_file
+    from walt_export.onnx_export import export_artifacts
+
+    out = tmp_path / "micro"
+    for stale in (".micro.k1ll.tmp", ".micro.k2ll.old"):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "base.onnx").write_bytes(b"\0" * 1000)
+
+    def failing(name):
+        raise RuntimeError("stop before exporting anything")
+
+    holder = subprocess.Popen([sys.executable, "-c", f"from runtime.files import artifact_lock\nimport sys\n"
+                               f"held = artifact_lock({str(out)!r})\nheld.__enter__()\nprint('held', flush=True)\n"
+                               "sys.stdin.read()"], cwd=Path(__file__).resolve().parents[2], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError, match=f"another walt-export command is writing {out}"):
+            export_artifacts(micro.config, failing, out, {"preset": "micro", "seed": 0})
+        assert (tmp_path / ".micro.k1ll.tmp").exists()  # a live export's staging is not touched
+    finally:
+        holder.communicate("")
+    with pytest.raises(RuntimeError, match="stop before"):
+        export_artifacts(micro.config, failing, out, {"preset": "micro", "seed": 0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [artifact_lock_file(out).name]  # nothing else, old or new
