@@ -4,7 +4,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= torch,cpu,t5,tools,trt-rtx,kernels,calibration,test
-PROMPT ?= a corgi surfing a wave at sunset
+# at most 31 bytes: what tiny's byte-level text encoder reads (a longer prompt is cut, with a warning)
+PROMPT ?= a corgi surfing a wave
 
 .PHONY: demo test
 demo: $(VENV)/.installed

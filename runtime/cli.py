@@ -51,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                             "`walt-export engines`, on an NVIDIA GPU)")
         p.add_argument("--device", default="cpu", help="onnxruntime's device: cpu (default), cuda, or tensorrt "
                                                        "(its TensorRT execution provider)")
-        p.add_argument("--precision", choices=get_args(Precision), default="fp32",
-                       help="which files to run, default fp32 (fp16: an artifact exported with --fp16; int8: one "
-                            "calibrated with `walt-export calibrate`; the TensorRT backend runs fp16 or int8 plans)")
+        p.add_argument("--precision", choices=get_args(Precision),
+                       help="which files to run: default fp32 with onnxruntime (fp16: FP16 files, from an --fp16 "
+                            "export or derived by `walt-export engines`; int8: calibrated with `walt-export "
+                            "calibrate`), fp16 with tensorrt (its plans are fp16 or int8)")
         p.add_argument("--threads", type=parse_as(Threads), default=0,
                        help="CPU threads per model, >= 0 (default 0: onnxruntime decides)")
         p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
@@ -172,8 +173,8 @@ def _run(args: argparse.Namespace) -> int:
                 results.append(result)
                 bar.update()
     counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed", "busy")}
-    print(f"{counts['done']} rendered, {counts['skipped']} already done, {counts['busy']} being rendered by another "
-          f"run, {counts['failed']} failed; results in {args.out_dir}/results.jsonl")
+    print(f"{counts['done']} rendered, {counts['skipped']} already done, {counts['busy']} left to another run "
+          f"that held them, {counts['failed']} failed; results in {args.out_dir}/results.jsonl")
     for r in results:
         if r.status == "failed":
             print(f"  line {r.line}: {r.error}", file=sys.stderr)

@@ -33,7 +33,7 @@ import numpy as np
 from runtime.errors import RequestError, WaltExportError
 from runtime.manifest import DenoiserInfo, Manifest, Precision, check_file, read_manifest
 from runtime.request import Request
-from runtime.runners import Runner, make_runner
+from runtime.runners import DEFAULT_PRECISION, Runner, check_device, make_runner
 from runtime.scheduler import DDIMScheduler, classifier_free_guidance
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,18 @@ class Pipeline:
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                       precision: Precision = "fp32", threads: int = 0) -> Pipeline:
+                       precision: Precision | None = None, threads: int = 0) -> Pipeline:
         """Open an artifact directory with a backend on a device: `onnxruntime` runs its ONNX files (sha256
         checked), `tensorrt` the plans `walt-export engines --precision P` built for this machine (build.json
         checked). Each stage runs in the precision its policy resolves `precision` to (the text encoder: FP32).
 
-        Raises ArtifactError (naming the command that makes them) when the files or plans are missing.
+        `precision` defaults to fp32 on onnxruntime and fp16 on TensorRT (`DEFAULT_PRECISION`).
+
+        Raises ArtifactError (naming the command that makes them) when the files or plans are missing, UsageError
+        for a device this onnxruntime cannot run on.
         """
         directory = Path(directory)
+        precision = precision or DEFAULT_PRECISION.get(backend, "fp32")
         manifest = read_manifest(directory)
         if backend == "tensorrt":
             from runtime.engine_registry import check_engine_precision, find_plan, import_tensorrt
@@ -146,6 +150,7 @@ class Pipeline:
             files = {name: find_plan(directory, name, stage.precision.resolve(precision), trt, requested=precision)
                      for name, stage in manifest.stages.items()}
         else:
+            check_device(device)
             manifest.require_files(precision, directory)
             files = {name: check_file(directory, stage.file(stage.precision.resolve(precision)))
                      for name, stage in manifest.stages.items()}

@@ -127,7 +127,7 @@ def render(pipeline: Pipeline, jobs: list[tuple[int, Job]], out_dir: str | Path,
                   "seed": job.seed}
         lock = try_lock(out_dir / LOCKS / f"{job.output}.lock")
         if lock is None:
-            yield JobResult(**result, status="busy", reason="another run is rendering it")
+            yield JobResult(**result, status="busy", reason="another run holds it")
             continue
         try:
             remove_stale(target)  # a killed run's partial file: nobody else holds this job

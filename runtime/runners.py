@@ -11,7 +11,6 @@ imported lazily, so `import runtime` needs neither onnxruntime nor TensorRT.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +19,6 @@ import numpy as np
 
 from runtime.errors import UsageError, import_optional
 
-log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
@@ -55,10 +53,9 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 3  # errors only
         options.enable_cpu_mem_arena = False  # return activations to the system between calls (video-sized tensors)
         self.session = ort.InferenceSession(str(self.path), options, providers=list(self.providers))
-        missing = [p for p in self.providers[:1] if p not in self.session.get_providers()]
-        if missing:
-            log.warning("%s: %s is not available, running on %s", self.path.name, missing[0],
-                        self.session.get_providers())
+        if self.providers[0] not in self.session.get_providers():  # listed, but it could not start (no GPU)
+            raise UsageError(f"{self.path.name}: onnxruntime could not start {self.providers[0]} (is there a usable "
+                             f"GPU?) and would run on {', '.join(self.session.get_providers())}; use --device cpu")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         return self
@@ -77,6 +74,7 @@ class OnnxRuntimeRunner:
 
 
 BACKENDS = ("onnxruntime", "tensorrt")
+DEFAULT_PRECISION = {"onnxruntime": "fp32", "tensorrt": "fp16"}  # TensorRT runs plans, which are fp16 or int8
 _PROVIDERS = {  # device -> onnxruntime execution providers, in order of preference
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -84,14 +82,29 @@ _PROVIDERS = {  # device -> onnxruntime execution providers, in order of prefere
 }
 
 
+def check_device(device: str) -> tuple[str, ...]:
+    """onnxruntime's execution providers for `device` (cpu, cuda, tensorrt), after checking that this onnxruntime
+    build has the device's own provider (onnxruntime has only the CPU one; onnxruntime-gpu adds CUDA and TensorRT).
+
+    Raises UsageError for an unknown device or one this onnxruntime cannot run on (instead of a silent CPU run).
+    """
+    if device not in _PROVIDERS:
+        raise UsageError(f"unknown device {device!r} for onnxruntime; devices: {', '.join(_PROVIDERS)}")
+    ort = import_optional("onnxruntime", "pip install 'walt-export[cpu]' (or [gpu] for onnxruntime-gpu)")
+    available = ort.get_available_providers()
+    if _PROVIDERS[device][0] not in available:
+        raise UsageError(f"--device {device} needs onnxruntime's {_PROVIDERS[device][0]}, which this onnxruntime "
+                         f"lacks (it has {', '.join(available)}): install onnxruntime-gpu instead of onnxruntime "
+                         "(never both; `make EXTRAS=torch,gpu,t5 ...`), or use --device cpu")
+    return _PROVIDERS[device]
+
+
 def make_runner(backend: str, path: str | Path, device: str = "cpu", threads: int = 0) -> Runner:
     """A runner for one model file: `onnxruntime` on a device (cpu, cuda, or tensorrt = its TensorRT EP) with
     `threads`; `tensorrt` for a plan (`runtime.engine_registry.find_plan`) on the current CUDA GPU, where `device`
     and `threads` do not apply."""
     if backend == "onnxruntime":
-        if device not in _PROVIDERS:
-            raise UsageError(f"unknown device {device!r} for onnxruntime; devices: {', '.join(_PROVIDERS)}")
-        return OnnxRuntimeRunner(path, _PROVIDERS[device], threads)
+        return OnnxRuntimeRunner(path, check_device(device), threads)
     if backend == "tensorrt":
         from runtime.tensorrt_runner import TensorRTRunner
 

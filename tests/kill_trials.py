@@ -1,6 +1,6 @@
 """Kill -9 trials: `render`, `generate` and `walt-export onnx` killed at a random moment, then run again.
 
-    python -m tests.kill_trials [--trials 10] [--commands render generate onnx] [--json kill_trials.json]
+    python -m tests.kill_trials [--trials 10] [--commands render generate onnx] [--steps 20] [--json kill_trials.json]
 
 Each trial starts the command, sends SIGKILL to its process group after a random delay (uniform over the time an
 uninterrupted run takes, measured first), checks what the kill left (every output under its final name must be
@@ -90,16 +90,17 @@ def timed(args: list[str]) -> float:
 
 
 def render_trial(artifacts: Path, work: Path, rng: random.Random, tally: Tally, jobs: int = 4,
-                 duration: float | None = None) -> float:
-    """One kill of `render` (4 jobs) and its rerun; returns the uninterrupted duration it measured or was given."""
+                 duration: float | None = None, steps: int = 20) -> float:
+    """One kill of `render` (4 jobs of `steps` steps per denoiser) and its rerun; returns the uninterrupted duration
+    it measured or was given."""
     jobs_file = work / "jobs.jsonl"
-    jobs_file.write_text("".join(json.dumps({"prompt": f"clip {i}", "seed": i, "steps": 20, "output": f"c{i}.mp4"})
+    jobs_file.write_text("".join(json.dumps({"prompt": f"clip {i}", "seed": i, "steps": steps, "output": f"c{i}.mp4"})
                                  + "\n" for i in range(jobs)))
     out = work / f"out{tally.trials}"
     args = _command("render", "--artifacts", str(artifacts), "--jobs", str(jobs_file), "--out-dir", str(out),
                     "--progress", "off")
     if duration is None:
-        duration = timed(args + ["--out-dir", str(work / "timing")])
+        duration = timed(args + ["--out-dir", str(work / "timing-render")])
     _kill_after(args, rng.uniform(0.5, duration))
     tally.trials += 1
     finished = {p: p.stat().st_mtime_ns for p in out.glob("*.mp4")} if out.is_dir() else {}
@@ -117,12 +118,13 @@ def render_trial(artifacts: Path, work: Path, rng: random.Random, tally: Tally, 
 
 
 def generate_trial(artifacts: Path, work: Path, rng: random.Random, tally: Tally,
-                   duration: float | None = None) -> float:
+                   duration: float | None = None, steps: int = 30) -> float:
     out = work / f"g{tally.trials}" / "video.mp4"
-    args = _command("generate", "--artifacts", str(artifacts), "--prompt", "waves", "--steps", "30", "--out", str(out),
+    args = _command("generate", "--artifacts", str(artifacts), "--prompt", "waves", "--steps", str(steps),
+                    "--out", str(out),
                     "--progress", "off")
     if duration is None:
-        duration = timed(args[:-4] + ["--out", str(work / "timing.mp4"), "--progress", "off"])
+        duration = timed(args[:-4] + ["--out", str(work / "timing-generate.mp4"), "--progress", "off"])
     _kill_after(args, rng.uniform(0.5, duration))
     tally.trials += 1
     tally.corrupt += out.exists() and not _complete_video(out)
@@ -139,7 +141,7 @@ def onnx_trial(work: Path, rng: random.Random, tally: Tally, duration: float | N
     out = work / f"a{tally.trials}" / "micro"
     args = _command("walt-export", "onnx", "--preset", "micro", "--out", str(out))
     if duration is None:
-        duration = timed(_command("walt-export", "onnx", "--preset", "micro", "--out", str(work / "timing")))
+        duration = timed(_command("walt-export", "onnx", "--preset", "micro", "--out", str(work / "timing-onnx")))
     _kill_after(args, rng.uniform(1.0, duration))
     tally.trials += 1
 
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--commands", nargs="+", choices=("render", "generate", "onnx"),
                         default=["render", "generate", "onnx"])
+    parser.add_argument("--steps", type=int, default=20,
+                        help="DDIM steps per denoiser of render's and generate's jobs (more: longer jobs to kill)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="kill_trials.json")
     args = parser.parse_args(argv)
@@ -178,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             tally, duration = tallies.setdefault(command, Tally()), None
             for _ in range(args.trials):
                 if command == "render":
-                    duration = render_trial(artifacts, work, rng, tally, duration=duration)
+                    duration = render_trial(artifacts, work, rng, tally, duration=duration, steps=args.steps)
                 elif command == "generate":
-                    duration = generate_trial(artifacts, work, rng, tally, duration=duration)
+                    duration = generate_trial(artifacts, work, rng, tally, duration=duration, steps=args.steps)
                 else:
                     duration = onnx_trial(work, rng, tally, duration=duration)
             print(f"{command}: {tally.trials} trials (an uninterrupted run: {duration:.1f} s)", flush=True)

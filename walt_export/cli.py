@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     calibrate = sub.add_parser("calibrate", help="INT8 Q/DQ files of every stage, calibrated on the denoising loop, "
                                                  "with quality gates")
     calibrate.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
-    calibrate.add_argument("--samples", type=parse_as(Count), default=4, help="calibration generations, >= 1 (default 4)")
+    calibrate.add_argument("--samples", type=parse_as(Count), default=4,
+                           help="calibration generations, >= 1 (default 4)")
     calibrate.add_argument("--held-out", type=parse_as(Count), default=2,
                            help="held-out generations for the gates, >= 1 (default 2)")
     calibrate.add_argument("--prompts", help="a text file, one prompt per line (text artifacts; default: built in)")
@@ -88,17 +89,23 @@ def _parser() -> argparse.ArgumentParser:
                          help="denoisers: the inlined attention (default) or the wattn plugin")
     engines.add_argument("--workspace-gb", type=parse_as(Gigabytes),
                          help="TensorRT workspace limit in GiB, > 0 (default: TensorRT's; Jetson: keep it small)")
-    engines.add_argument("--timing-cache", help="a timing-cache file, read and updated (full TensorRT; TensorRT-RTX has none)")
+    engines.add_argument("--timing-cache",
+                         help="a timing-cache file, read and updated (full TensorRT; TensorRT-RTX has none)")
     for command in sub.choices.values():  # -v after the command too
         command.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
     return parser
 
 
 def _engines(args: argparse.Namespace) -> int:
+    from runtime.manifest import read_manifest
     from walt_export.engine_build import build_engines
 
+    before = read_manifest(args.artifacts).precisions
     out, decisions = build_engines(args.artifacts, args.precision, args.attention, args.workspace_gb,
                                    args.timing_cache)
+    if "fp16" in read_manifest(args.artifacts).precisions - before:
+        print(f"derived FP16 ONNX files from the FP32 ones (the artifact was exported without --fp16) and listed "
+              f"them in {Path(args.artifacts) / 'manifest.json'}")
     for d in decisions:
         why = f"  ({d.reason})" if d.built else ""
         print(f"{d.stage:<23} {'built' if d.built else 'reused':<6} {d.plan.name}{why}")

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import onnxruntime
 import pytest
 
 from tests.kill_trials import _command
@@ -39,6 +40,9 @@ def _files(path: Path) -> list[Path]:
     (["--png-dir", "{tmp}/file"], 1, "--png-dir {tmp}/file exists and is not a directory"),
     (["--steps", "5000"], 1, "steps=5000 for base is not in [1, 1000]"),
     (["--image", "{tmp}/broken.jpg"], 1, "cannot read an image from {tmp}/broken.jpg"),
+    pytest.param(["--device", "cuda"], 1, "--device cuda needs onnxruntime's CUDAExecutionProvider, which this "
+                 "onnxruntime lacks", marks=pytest.mark.skipif(
+                     "CUDAExecutionProvider" in onnxruntime.get_available_providers(), reason="onnxruntime-gpu")),
 ])
 def test_generate_refuses_bad_input_in_one_line_leaving_nothing(micro_artifacts, tmp_path, extra, code, says):
     directory, _ = micro_artifacts

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _holder(code: str) -> subprocess.Popen:
     """A Python process that runs `code`, prints 'ready' and then sleeps until it is killed."""
-    script = f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\n{textwrap.dedent(code)}\nprint('ready', flush=True)\n" \
-             "time.sleep(600)\n"
+    script = (f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\n{textwrap.dedent(code)}\n"
+              "print('ready', flush=True)\ntime.sleep(600)\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
     return process
