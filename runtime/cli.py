@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import get_args
 
 from runtime.errors import WaltExportError
@@ -123,15 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    return run_command(PROG, args.verbose, lambda: _run(args))
+
+
+def run_command(prog: str, verbose: bool, command: Callable[[], int]) -> int:
+    """`command()`'s exit status under both CLIs' contract for failures (docs/architecture.md §8): a
+    WaltExportError (a user mistake) is one line `PROG: error: ...` and 1, with its traceback under -v; Ctrl-C is one
+    line and 130 (outputs are written atomically or staged, so nothing partial is left); anything else is a bug and
+    keeps its traceback."""
     try:
-        return _run(args)
-    except WaltExportError as e:  # a user mistake: one line (anything else is a bug and keeps its traceback)
-        if args.verbose:
+        return command()
+    except WaltExportError as e:
+        if verbose:
             traceback.print_exc()
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # outputs are written atomically: nothing partial is left
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -196,7 +196,7 @@ class Pipeline:
         Raises RequestError saying what this artifact takes.
         """
         m = self.manifest
-        kind = self.check_conditioning(request.prompt, request.class_id)
+        kind = self._check_conditioning(request.prompt, request.class_id)
         frames = m.frames if request.frames is None else request.frames
         self._check_frames(frames)
         denoisers = [DenoiserPlan(name, info, _per_denoiser(request.steps, name, m.schedule.num_inference_steps),
@@ -295,7 +295,7 @@ class Pipeline:
         uint8 = np.clip(np.round((pixels.transpose(1, 2, 3, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
         return Video(uint8, m.fps, latents)
 
-    def check_conditioning(self, prompt: str | None, class_id: int | None) -> str:
+    def _check_conditioning(self, prompt: str | None, class_id: int | None) -> str:
         """'text', 'class' or 'none' (the base denoiser's conditioning), after checking the request fits it.
 
         Raises RequestError saying what this artifact takes."""

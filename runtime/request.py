@@ -29,7 +29,7 @@ Count = Annotated[int, Field(ge=1)]  # how many: batch sizes, calibration genera
 Gigabytes = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a memory limit in GiB (TensorRT's workspace)
 
 
-def _per_denoiser(kind: object) -> BeforeValidator:
+def _one_or_per_denoiser(kind: object) -> BeforeValidator:
     """A setting for every denoiser (one value) or per denoiser ({"base": 50, "sr1": 20}), each value of `kind`;
     the denoiser names are checked against the artifact by `Pipeline.check`."""
     scalar = TypeAdapter(kind)
@@ -76,8 +76,8 @@ class Request(BaseModel):
     prompt: Prompt | None = None  # text-to-video artifacts
     class_id: ClassId | None = None  # class-conditional artifacts
     seed: Seed = 0  # seeds every noise draw
-    steps: Annotated[Any, _per_denoiser(Steps)] = None  # int, or {denoiser: int}
-    guidance: Annotated[Any, _per_denoiser(Guidance)] = None  # float, or {denoiser: float}
+    steps: Annotated[Any, _one_or_per_denoiser(Steps)] = None  # int, or {denoiser: int}
+    guidance: Annotated[Any, _one_or_per_denoiser(Guidance)] = None  # float, or {denoiser: float}
     frames: Frames | None = None  # video length; default one clip
     image: str | None = None  # path of the first frame (image-to-video)
 

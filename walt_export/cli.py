@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
-from runtime.cli import version
+from runtime.cli import run_command, version
 from runtime.engine_registry import ATTENTION, ENGINE_PRECISIONS
-from runtime.errors import UsageError, WaltExportError
+from runtime.errors import UsageError
 from runtime.request import Count, Gigabytes, Seed, Threads, parse_as
 from walt_export.config import PRESETS
 
@@ -137,6 +136,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_cascade(checkpoint: str):
+    """The Cascade of a whole-cascade checkpoint; CheckpointError when it holds one part."""
+    import walt_export
+
+    cascade = walt_export.load(checkpoint)
+    if not isinstance(cascade, walt_export.Cascade):
+        raise walt_export.CheckpointError(f"{checkpoint} holds one part, not a cascade; this command needs a "
+                                          "whole-cascade checkpoint (walt-export init)")
+    return cascade
+
+
 def _export(args: argparse.Namespace) -> int:
     import walt_export
     from runtime.manifest import SourceInfo, sha256_of
@@ -144,10 +154,7 @@ def _export(args: argparse.Namespace) -> int:
     from walt_export.onnx_export import export_artifacts
 
     if args.checkpoint:
-        cascade = walt_export.load(args.checkpoint)
-        if not isinstance(cascade, walt_export.Cascade):
-            raise walt_export.CheckpointError(f"{args.checkpoint} holds one part, not a cascade; "
-                                              "export needs a whole-cascade checkpoint (walt-export init)")
+        cascade = _load_cascade(args.checkpoint)
         if args.preset is not None and cascade.config.name != args.preset:
             raise walt_export.CheckpointError(
                 f"{args.checkpoint} is a checkpoint of {cascade.config.name!r}, not {args.preset!r}; "
@@ -182,36 +189,29 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+    return run_command("walt-export", args.verbose, lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     import walt_export
 
-    try:
-        if args.command == "summary":
-            if args.checkpoint:
-                cascade = walt_export.load(args.checkpoint)
-                if not isinstance(cascade, walt_export.Cascade):
-                    raise walt_export.CheckpointError(f"{args.checkpoint} holds one part, not a cascade")
-            else:
-                cascade = walt_export.build(args.preset or DEFAULT_PRESET, seed=args.seed,
-                                            device="meta" if args.meta else "cpu")
-            print(cascade.summary())
-        elif args.command == "init":
-            cascade = walt_export.build(args.preset, seed=args.seed)
-            path = walt_export.save(cascade, args.out)
-            print(f"wrote {path} and {path.with_suffix('.json').name} ({args.preset}, seed {args.seed})")
-        elif args.command == "onnx":
-            return _export(args)
-        elif args.command == "verify":
-            return _verify(args)
-        elif args.command == "calibrate":
-            return _calibrate(args)
-        elif args.command == "engines":
-            return _engines(args)
-    except WaltExportError as e:  # a user mistake: one line (anything else is a bug and keeps its traceback)
-        if args.verbose:
-            traceback.print_exc()
-        print(f"walt-export: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # outputs are staged or written atomically: nothing partial is left
-        print("walt-export: interrupted", file=sys.stderr)
-        return 130
+    if args.command == "summary":
+        if args.checkpoint:
+            cascade = _load_cascade(args.checkpoint)
+        else:
+            cascade = walt_export.build(args.preset or DEFAULT_PRESET, seed=args.seed,
+                                        device="meta" if args.meta else "cpu")
+        print(cascade.summary())
+    elif args.command == "init":
+        cascade = walt_export.build(args.preset, seed=args.seed)
+        path = walt_export.save(cascade, args.out)
+        print(f"wrote {path} and {path.with_suffix('.json').name} ({args.preset}, seed {args.seed})")
+    elif args.command == "onnx":
+        return _export(args)
+    elif args.command == "verify":
+        return _verify(args)
+    elif args.command == "calibrate":
+        return _calibrate(args)
+    elif args.command == "engines":
+        return _engines(args)
     return 0
