@@ -7,13 +7,21 @@ EXTRAS ?= torch,cpu,t5,tools,trt-rtx,kernels,calibration,test
 # at most 31 bytes: what tiny's byte-level text encoder reads (a longer prompt is cut, with a warning)
 PROMPT ?= a corgi surfing a wave
 
-.PHONY: demo test
+.PHONY: demo test gpu-check
 demo: $(VENV)/.installed
 	$(PY) export.py onnx --preset tiny --out artifacts/tiny
 	$(PY) -m runtime generate --artifacts artifacts/tiny --prompt "$(PROMPT)" --out artifacts/tiny.mp4
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# On a CUDA machine whose python already has torch with CUDA and Triton: `make gpu-check PY=python3`. The CUDA tests,
+# the Triton kernel on the GPU, and the kernel against scaled_dot_product_attention at the t2v shapes (table + JSON).
+gpu-check:
+	$(PY) -m pytest -q -p no:cacheprovider -m gpu tests/walt_export/test_cuda.py tests/runtime/test_tensorrt_runner.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/walt_export/test_window_attention_kernel.py \
+		tests/walt_export/test_window_attention.py
+	$(PY) -m benchmarks.window_attention_gpu --out window_attention_gpu.json
 
 # torch first, pinned: pip then takes the local CPU wheel instead of a multi-GB CUDA build
 $(VENV)/.installed: pyproject.toml

@@ -408,27 +408,30 @@ def t2v() -> CascadeConfig:
 
 
 def _small_t2v(name: str, frames: int, height: int, width: int, window: Triple, tokenizer: TokenizerConfig,
-               text_encoder: TextEncoderConfig, hidden: int, heads: int, depths: Triple) -> CascadeConfig:
+               text_encoder: TextEncoderConfig, widths: Triple, heads: int, depths: Triple) -> CascadeConfig:
+    """A three-denoiser text cascade; `widths` and `depths` are (base, sr1, sr2)'s hidden sizes and layers."""
     c, t, h, w = tokenizer.latent_shape(frames, height, width)
-    common = dict(hidden_size=hidden, num_heads=heads, window=window, conditioning="text",
-                  text_dim=text_encoder.d_model)
+    common = dict(num_heads=heads, window=window, conditioning="text", text_dim=text_encoder.d_model)
     return CascadeConfig(
         name=name, frames=frames, height=height, width=width, tokenizer=tokenizer, text_encoder=text_encoder,
-        base=DenoiserConfig(latent_size=(t, h // 4, w // 4), depth=depths[0], cross_attention="spatial", **common),
-        sr1=SuperResConfig(latent_size=(t, h // 2, w // 2), patch_size=2, depth=depths[1], cross_attention="every",
-                           **common),
-        sr2=SuperResConfig(latent_size=(t, h, w), patch_size=4, depth=depths[2], cross_attention="every", **common),
+        base=DenoiserConfig(latent_size=(t, h // 4, w // 4), hidden_size=widths[0], depth=depths[0],
+                            cross_attention="spatial", **common),
+        sr1=SuperResConfig(latent_size=(t, h // 2, w // 2), patch_size=2, hidden_size=widths[1], depth=depths[1],
+                           cross_attention="every", **common),
+        sr2=SuperResConfig(latent_size=(t, h, w), patch_size=4, hidden_size=widths[2], depth=depths[2],
+                           cross_attention="every", **common),
     )
 
 
 def tiny() -> CascadeConfig:
-    """The paper's t2v geometry (17 frames, base latent 5x16x28, 17x512x896 @ 8 fps) with tiny widths."""
+    """The paper's t2v geometry (17 frames, base latent 5x16x28, 17x512x896 @ 8 fps) with tiny widths: the
+    geometry of the trained reference cascade (`walt_export.reference`), sized to train on a 2-core CPU."""
     return _small_t2v(
         "tiny", frames=17, height=512, width=896, window=(5, 8, 14),
         tokenizer=TokenizerConfig(base_channels=8, num_res_blocks=1, num_mid_blocks=1, norm_groups=4),
         text_encoder=TextEncoderConfig(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                                        max_length=32),
-        hidden=64, heads=4, depths=(4, 2, 2),
+        widths=(64, 64, 64), heads=4, depths=(4, 2, 2),
     )
 
 
@@ -440,7 +443,7 @@ def micro() -> CascadeConfig:
                                   num_mid_blocks=1, norm_groups=2),
         text_encoder=TextEncoderConfig(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                        max_length=16),
-        hidden=32, heads=2, depths=(2, 2, 2),
+        widths=(32, 32, 32), heads=2, depths=(2, 2, 2),
     )
 
 

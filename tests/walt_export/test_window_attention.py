@@ -107,3 +107,36 @@ def test_flop_counter_counts_the_op_like_full_attention_per_frame(generator):
     with FlopCounterMode(display=False) as sdpa_count:
         torch.nn.functional.scaled_dot_product_attention(*(x.reshape(12, 24, 8) for x in (q, k, v)))
     assert op_count.get_total_flops() == sdpa_count.get_total_flops() == 4 * 4 * 72 * 24 * 8
+
+
+GRADIENT_TOLERANCE = Tolerance(1e-10, 1e-9)  # float64: the op's backward vs autograd through the reference
+
+
+@pytest.mark.parametrize("grid, window", [((2, 2, 3), (1, -1, -1)), ((4, 2, 2), (2, 2, 1))])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_backward_is_the_gradient_of_per_window_attention(generator, grid, window, with_bias):
+    """gradcheck (finite differences, float64) of q, k, v and the bias, and the same gradients as autograd through
+    the plain per-window attention."""
+    heads = 2
+    q, k, v = (x.requires_grad_() for x in qkv(generator, grid, n=2, d=3, dtype=torch.float64))
+    length = torch.Size(resolve_window(window, grid)).numel()
+    bias = torch.randn(heads, length, length, generator=generator, dtype=torch.float64).requires_grad_() \
+        if with_bias else None
+    inputs = (q, k, v) if bias is None else (q, k, v, bias)
+
+    def op(*xs):
+        return window_attention(*xs[:3], window, 0.7, xs[3] if len(xs) > 3 else None)
+
+    assert torch.autograd.gradcheck(op, inputs)
+    cotangent = torch.randn(q.shape, generator=generator, dtype=torch.float64)
+    ours = torch.autograd.grad(op(*inputs), inputs, cotangent)
+    theirs = torch.autograd.grad(reference(q, k, v, window, 0.7, bias, heads), inputs, cotangent)
+    for name, a, b in zip(("q", "k", "v", "bias"), ours, theirs):
+        assert_close(a, b, GRADIENT_TOLERANCE, f"d/d{name}, window {window}")
+
+
+def test_backward_skips_inputs_without_grad(generator):
+    q, k, v = qkv(generator, (2, 2, 2), n=2, d=4)
+    q.requires_grad_()
+    window_attention(q, k, v, (1, -1, -1), 0.5).sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape and k.grad is None

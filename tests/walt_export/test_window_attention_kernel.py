@@ -1,4 +1,5 @@
-"""The Triton window-attention kernel against the reference op, on the CPU under TRITON_INTERPRET=1."""
+"""The Triton window-attention kernel against the reference op: on a CUDA GPU where there is one, else on the CPU
+under TRITON_INTERPRET=1 (conftest)."""
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ def test_kernel_matches_the_reference_op(generator, dtype, grid, window, d, with
     wt, wh, ww = resolve_window(window, grid)
     length = wt * wh * ww
     bias = torch.randn(heads, length, length, generator=generator).to(dtype) if with_bias else None
-    out = window_attention_triton(q, k, v, window, d**-0.5, bias)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter takes CPU tensors, a GPU its own
+    out = window_attention_triton(*(x.to(device) for x in (q, k, v)), window, d**-0.5,
+                                  None if bias is None else bias.to(device)).cpu()
     expected = window_attention(q.float(), k.float(), v.float(), window, d**-0.5,
                                 None if bias is None else bias.float())
     assert out.shape == q.shape and out.dtype == dtype

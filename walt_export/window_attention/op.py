@@ -71,11 +71,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, window: S
     return win
 
 
-@torch.library.custom_op("wattn::window_attention3d", mutates_args=())
-def window_attention3d(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, wt: int, wh: int, ww: int, scale: float
-) -> Tensor:
-    """Eager implementation of the contract (partition -> attention per window -> merge)."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, wt: int, wh: int, ww: int, scale: float) -> Tensor:
+    """The contract in plain torch (partition -> attention per window -> merge): the op's forward, and the graph
+    its backward differentiates."""
     win = check_inputs(q, k, v, bias, (wt, wh, ww))
     n, t, h, w, d = q.shape
     length = win[0] * win[1] * win[2]
@@ -89,9 +87,39 @@ def window_attention3d(
     return merge(out.reshape(-1, length, d), win, (t, h, w))
 
 
+@torch.library.custom_op("wattn::window_attention3d", mutates_args=())
+def window_attention3d(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, wt: int, wh: int, ww: int, scale: float
+) -> Tensor:
+    """Eager implementation of the contract."""
+    return _attend(q, k, v, bias, wt, wh, ww, scale)
+
+
 @window_attention3d.register_fake
 def _fake(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, wt: int, wh: int, ww: int, scale: float) -> Tensor:
     return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    q, k, v, bias, *ctx.window_and_scale = inputs
+    ctx.save_for_backward(q, k, v, bias)
+
+
+def _backward(ctx, grad: Tensor) -> tuple:
+    """Gradients of q, k, v and the bias by differentiating `_attend` again (it is recomputed here, like activation
+    checkpointing: the forward keeps no attention probabilities). Training the reference cascade goes through the
+    same op the exporter writes (docs/window_attention_op.md §1); checked by gradcheck in float64."""
+    q, k, v, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    with torch.enable_grad():
+        inputs = [x.detach().requires_grad_(need) if x is not None else None for x, need in zip((q, k, v, bias), needs)]
+        out = _attend(*inputs, *ctx.window_and_scale)
+        wanted = [x for x in inputs if x is not None and x.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+    return (*(next(grads) if x is not None and x.requires_grad else None for x in inputs), None, None, None, None)
+
+
+window_attention3d.register_autograd(_backward, setup_context=_setup_context)
 
 
 def window_attention(

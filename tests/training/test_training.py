@@ -1,0 +1,80 @@
+"""The reference cascade's training (`training/`) on the micro cascade: every stage runs and resumes exactly."""
+
+import json
+
+import pytest
+import torch
+
+import walt_export
+from runtime.compare import Tolerance, assert_close
+from training import cli
+from training.data import tokenizer_crop
+from training.loop import state_path, weights_path
+
+RESUME_TOLERANCE = Tolerance(1e-6, 1e-5)  # a resumed run repeats the draws of an uninterrupted one (float32 CPU)
+STAGE_ARGS = {"tokenizer": ["--batch", "2", "--frames", "5", "--crop", "32"], "base": ["--batch", "2"],
+              "sr1": ["--batch", "2"], "sr2": ["--batch", "2"]}
+
+
+def train(stage: str, out, steps: int, *extra: str) -> None:
+    assert cli.main([stage, "--preset", "micro", "--out", str(out), "--device", "cpu", "--workers", "0",
+                     "--steps", str(steps), *STAGE_ARGS.get(stage, []), *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A micro run directory with every stage trained for 2 steps and the latents of 6 clips."""
+    out = tmp_path_factory.mktemp("run")
+    train("tokenizer", out, 2)
+    assert cli.main(["latents", "--preset", "micro", "--out", str(out), "--device", "cpu", "--workers", "1",
+                     "--count", "6"]) == 0
+    for stage in ("base", "sr1", "sr2"):
+        train(stage, out, 2)
+    return out
+
+
+def test_every_stage_writes_weights_and_the_cascade_holds_them(run, tmp_path):
+    path = tmp_path / "cascade.safetensors"
+    assert cli.main(["cascade", "--preset", "micro", "--out", str(run), "--to", str(path),
+                     "--inference-steps", "7"]) == 0
+    cascade = walt_export.load(path)
+    stats = json.loads((run / cli.STATS_FILE).read_text())
+    assert cascade.config.tokenizer.latent_mean == pytest.approx(tuple(stats["latent_mean"]))
+    assert cascade.config.diffusion.num_inference_steps == 7
+    for stage in ("tokenizer", "base", "sr1", "sr2"):
+        trained = walt_export.load(weights_path(run, stage))
+        for name, tensor in trained.state_dict().items():
+            assert torch.equal(getattr(cascade, stage).state_dict()[name], tensor), f"{stage}.{name}"
+    frozen = walt_export.build("micro", seed=cli.TEXT_ENCODER_SEED).text_encoder  # the text encoder is not trained
+    for name, tensor in frozen.state_dict().items():
+        assert torch.equal(cascade.text_encoder.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "sr1"])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(run, tmp_path, stage):
+    if stage != "tokenizer":  # the denoisers read the run's latents
+        for name in ("latents.npy", "latents.json"):
+            (tmp_path / "a").mkdir(exist_ok=True)
+            (tmp_path / "b").mkdir(exist_ok=True)
+            for d in ("a", "b"):
+                (tmp_path / d / name).write_bytes((run / name).read_bytes())
+    train(stage, tmp_path / "a", 3)
+    train(stage, tmp_path / "b", 1)
+    assert state_path(tmp_path / "b", stage).is_file()
+    train(stage, tmp_path / "b", 3)
+    a, b = (walt_export.load(weights_path(tmp_path / d, stage)).state_dict() for d in ("a", "b"))
+    for name in a:
+        assert_close(b[name], a[name], RESUME_TOLERANCE, f"{stage}.{name} after resuming")
+
+
+def test_tokenizer_crops_are_world_video_in_range():
+    import numpy as np
+
+    crop = tokenizer_crop(np.random.default_rng(0), 5, 32, 128, 224)
+    assert crop.shape == (3, 5, 32, 32) and crop.dtype == np.float32
+    assert -1.0 <= crop.min() and crop.max() <= 1.0 and crop.std() > 0.01
+
+
+def test_training_needs_a_length():
+    with pytest.raises(SystemExit, match="--steps or --minutes"):
+        cli.main(["base", "--preset", "micro", "--out", "/nonexistent"])

@@ -1,0 +1,178 @@
+"""`python -m training STAGE --out DIR`: train the reference cascade on the world, one stage per command.
+
+    python -m training tokenizer --out runs/ref --minutes 120       world crops -> tokenizer.safetensors
+    python -m training latents   --out runs/ref                     encode world clips -> latents.npy, stats
+    python -m training base      --out runs/ref --minutes 120       (and sr1, sr2: independent of each other)
+    python -m training cascade   --out runs/ref --to walt_export/reference/tiny.safetensors
+
+Each training command resumes from DIR/STAGE.state.safetensors, is seeded (--seed), stops at --steps or --minutes in all
+(resumed runs included) and prints its wall time. The text encoder is not trained: it stays the seeded random
+initialisation (TEXT_ENCODER_SEED), frozen as the paper freezes its pretrained T5 [P §5.1]; frozen, it lets the
+three denoisers train independently (in parallel on one GPU) on text states that never change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import walt_export
+from runtime.world import scenes
+from training import data, losses
+from training.loop import Schedule, state_path, train, weights_path
+from walt_export.cascade import build_component
+from walt_export.config import PRESETS, CascadeConfig, TokenizerConfig
+
+log = logging.getLogger("training")
+
+TEXT_ENCODER_SEED = 0
+STATS_FILE = "latent_stats.json"
+DEFAULTS = {  # stage -> (batch, lr)
+    "tokenizer": (8, 1e-3), "base": (16, 3e-4), "sr1": (8, 3e-4), "sr2": (8, 3e-4),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("tokenizer", "base", "sr1", "sr2"):
+        stage = sub.add_parser(name, help=f"train the {name}")
+        stage.add_argument("--steps", type=int, help="stop after this many steps in all")
+        stage.add_argument("--minutes", type=float, help="stop after this much wall time in all")
+        stage.add_argument("--batch", type=int, default=DEFAULTS[name][0], help="samples per step")
+        stage.add_argument("--lr", type=float, default=DEFAULTS[name][1], help="peak learning rate")
+        if name == "tokenizer":
+            stage.add_argument("--frames", type=int, default=9, help="frames per crop (1 + 4k)")
+            stage.add_argument("--crop", type=int, default=128, help="crop size in pixels (a multiple of 8)")
+    latents = sub.add_parser("latents", help="encode world clips with the trained tokenizer (the denoisers' data)")
+    latents.add_argument("--count", type=int, default=400, help="clips to encode (default 400)")
+    cascade = sub.add_parser("cascade", help="assemble the stages' weights into one cascade checkpoint")
+    cascade.add_argument("--to", required=True, help="the cascade checkpoint to write (.safetensors)")
+    cascade.add_argument("--inference-steps", type=int, default=None,
+                         help="the cascade's default DDIM steps (default: the preset's)")
+    for command in sub.choices.values():
+        command.add_argument("--out", required=True, type=Path, help="the run directory (resumed when it exists)")
+        command.add_argument("--preset", choices=["tiny", "micro"], default="tiny", help="the cascade (default tiny)")
+        command.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        command.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                             help="processes rendering world clips (0: the training process itself)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg = PRESETS[args.preset]
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    if args.command == "latents":
+        _encode(args, cfg, device)
+    elif args.command == "cascade":
+        _assemble(args, cfg)
+    else:
+        schedule = _schedule(args)
+        if args.command == "tokenizer":
+            _train_tokenizer(args, cfg, device, schedule)
+        else:
+            _train_denoiser(args, cfg, device, schedule)
+    print(f"{args.command}: done in {(time.perf_counter() - started) / 60:.1f} min wall time")
+    return 0
+
+
+def _schedule(args) -> Schedule:
+    if args.steps is None and args.minutes is None:
+        raise SystemExit("pass --steps or --minutes (or both): how long to train")
+    return Schedule(steps=args.steps, minutes=args.minutes, lr=args.lr)
+
+
+def _train_tokenizer(args, cfg: CascadeConfig, device: torch.device, schedule: Schedule) -> None:
+    torch.manual_seed(args.seed)
+    tokenizer = build_component(cfg, "tokenizer", seed=args.seed, device=device)
+    crops = data.TokenizerCrops(args.seed, _resume_step(args.out, "tokenizer"), args.batch, args.frames,
+                                args.crop, cfg.height, cfg.width)
+    prefetch = {"prefetch_factor": 4} if args.workers else {}
+    loader = torch.utils.data.DataLoader(crops, batch_size=None, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", **prefetch)
+    train("tokenizer", tokenizer, losses.tokenizer_loss(iter(loader)), args.out, schedule)
+
+
+def _resume_step(directory: Path, stage: str) -> int:
+    """The step a resumed run of `stage` starts at (0 for a new run)."""
+    from safetensors import safe_open
+
+    path = state_path(directory, stage)
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["step"])
+
+
+def _encode(args, cfg: CascadeConfig, device: torch.device) -> None:
+    tokenizer = walt_export.load(weights_path(args.out, "tokenizer"), device=device)
+    latents, ids = data.build_latents(tokenizer.encoder, args.count, args.seed, cfg.frames, cfg.height, cfg.width,
+                                      device, args.workers)
+    mean = latents.mean(axis=(0, 2, 3, 4))
+    std = latents.std(axis=(0, 2, 3, 4))
+    shape = (1, -1, 1, 1, 1)
+    data.save_latents(args.out, (latents - mean.reshape(shape)) / std.reshape(shape), ids)
+    (args.out / STATS_FILE).write_text(json.dumps({"latent_mean": mean.tolist(), "latent_std": std.tolist()}))
+    log.info("encoded %d clips; latent mean %s std %s", len(latents), np.round(mean, 3), np.round(std, 3))
+
+
+def _text_states(cfg: CascadeConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen text encoder's (states, mask) of every caption of the world and, last, the empty prompt."""
+    encoder = build_component(cfg, "text_encoder", seed=TEXT_ENCODER_SEED, device=device)
+    from runtime.text_tokenizer import load_text_tokenizer
+
+    ids, mask = load_text_tokenizer(None, cfg.text_encoder.max_length)([s.caption for s in scenes()] + [""])
+    ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+    with torch.no_grad():
+        return encoder(ids, mask), mask
+
+
+def _train_denoiser(args, cfg: CascadeConfig, device: torch.device, schedule: Schedule) -> None:
+    name = args.command
+    if not (args.out / "latents.npy").is_file():
+        raise SystemExit(f"no latents in {args.out}: run `python -m training latents --out {args.out}` first (after "
+                         "the tokenizer)")
+    latents, ids = data.load_latents(args.out, device)
+    states, mask = _text_states(cfg, device)
+    model = build_component(cfg, name, seed=args.seed, device=device)
+    loss = losses.DenoiserLoss(getattr(cfg, name), latents, ids, states, mask, cfg.diffusion, args.batch, args.seed)
+    train(name, model, loss, args.out, schedule)
+
+
+def _assemble(args, cfg: CascadeConfig) -> None:
+    stats = json.loads((args.out / STATS_FILE).read_text())
+    tokenizer = TokenizerConfig(**cfg.tokenizer.model_dump() | stats)
+    diffusion = cfg.diffusion.model_dump()
+    if args.inference_steps:
+        diffusion["num_inference_steps"] = args.inference_steps
+    config = CascadeConfig(**cfg.model_dump() | {"tokenizer": tokenizer.model_dump(), "diffusion": diffusion})
+    cascade = walt_export.Cascade(config, {
+        "tokenizer": _with_config(walt_export.load(weights_path(args.out, "tokenizer")), tokenizer),
+        "text_encoder": build_component(cfg, "text_encoder", seed=TEXT_ENCODER_SEED),
+        **{name: walt_export.load(weights_path(args.out, name)) for name in cfg.denoisers()},
+    })
+    walt_export.save(cascade.eval(), args.to)
+    print(f"wrote {args.to} ({Path(args.to).stat().st_size / 2**20:.1f} MiB)")
+
+
+def _with_config(tokenizer, config: TokenizerConfig):
+    """The trained tokenizer under the config that holds its latent statistics (they are config, not weights)."""
+    tokenizer.config = tokenizer.encoder.config = tokenizer.decoder.config = config
+    return tokenizer
+
+
+if __name__ == "__main__":
+    sys.exit(main())
