@@ -5,7 +5,8 @@ The FP32 artifact runs in the runtime's own `Pipeline` (onnxruntime, CPU) with e
 self-conditioning, noise-augmented low-resolution latents. Per request and denoiser, the calls kept are
 spread evenly over the whole schedule, first (pure noise) and last step included, since early and late steps
 differ by orders of magnitude. The decoder gets the cascade's final latents (and its step model the same
-latents continuing from the decoder's causal state); the encoder gets real video (`real_video`).
+latents continuing from the decoder's causal state); the encoder gets real video (`real_video`), or world clips
+for a cascade trained on the world (`runtime.world`, whose captions are then also the default prompts).
 Everything is seeded: the same requests give the same data.
 """
 
@@ -23,6 +24,7 @@ from calibration.real_video import video_clips
 from runtime.manifest import Manifest, check_file, read_manifest
 from runtime.pipeline import OVERLAP_LATENT_FRAMES, Pipeline, Video
 from runtime.runners import Runner, make_runner
+from runtime.world import sample_clips, scenes, to_video
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,25 @@ class RecordingRunner:
         return outputs
 
 
+def default_prompts(manifest: Manifest) -> list[str]:
+    """The prompts calibration uses unless given some: the world's captions (in the score's order, so the first
+    few cover every colour, shape and direction) for a cascade trained on `runtime.world`, else DEFAULT_PROMPTS."""
+    if manifest.trained_on == "world":
+        from runtime.score import score_prompts
+
+        return [scene.caption for scene in score_prompts(len(scenes()))]
+    return list(DEFAULT_PROMPTS)
+
+
+def encoder_clips(manifest: Manifest, count: int, seed: int) -> list[np.ndarray]:
+    """`count` clips (1, 3, frames, H, W) float32 in [-1, 1] at the artifact's size for the tokenizer encoder: world
+    clips (seeds `seed`, `seed` + 1, ...) for a cascade trained on `runtime.world`, else real video."""
+    if manifest.trained_on == "world":
+        return [to_video(clip.render(manifest.frames, manifest.height, manifest.width))
+                for clip in sample_clips(count, seed, aspect=manifest.width / manifest.height)]
+    return video_clips(count, manifest.frames, manifest.height, manifest.width, manifest.fps, seed)
+
+
 def requests(manifest: Manifest, count: int, seed: int, prompts: list[str] | None = None,
              offset: int = 0) -> list[Request]:
     """`count` requests suited to the artifact (prompts, classes or none), seeds `seed + offset + i`.
@@ -83,7 +104,7 @@ def requests(manifest: Manifest, count: int, seed: int, prompts: list[str] | Non
     for i in range(offset, offset + count):
         prompt = class_id = None
         if base.conditioning == "text":
-            pool = prompts or list(DEFAULT_PROMPTS)
+            pool = prompts or default_prompts(manifest)
             prompt = pool[i % len(pool)]
         elif base.conditioning == "class":
             class_id = (i * 7919) % base.num_classes  # spread over the classes
@@ -131,7 +152,6 @@ def capture(directory: str | Path, reqs: list[Request], timesteps: int = 8, thre
                 progress(f"captured {request}")
     if "tokenizer_encoder" in manifest.stages:
         seed = reqs[0].seed if reqs else 0
-        data["tokenizer_encoder"] = [{"video": clip} for clip in video_clips(
-            len(reqs), manifest.frames, manifest.height, manifest.width, manifest.fps, seed)]
+        data["tokenizer_encoder"] = [{"video": clip} for clip in encoder_clips(manifest, len(reqs), seed)]
     return dict(data), videos
 

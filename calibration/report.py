@@ -6,8 +6,8 @@ on held-out requests: PSNR of the decoded INT8 video against the FP32 video of t
 255), and temporal flicker: the mean absolute frame-to-frame difference of the INT8 video over that of the FP32
 video (1.0 = as steady; above 1, INT8 adds flicker). Each gate is checked on the worst held-out sample.
 
-The report is written as strict JSON (`report_json`): every figure is finite, so PSNR stands in +-`PSNR_LIMIT_DB` for
-the infinities of identical outputs and of an all-zero reference.
+The report is written as strict JSON (`report_json`): every figure is finite, so PSNR (`runtime.compare.psnr`) stands
+in +-`runtime.compare.PSNR_LIMIT_DB` for the infinities of identical outputs and of an all-zero reference.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from runtime.compare import psnr
 from runtime.errors import UsageError
-
-PSNR_LIMIT_DB = 999.0  # |PSNR| reported for identical outputs (+) and an all-zero reference (-): JSON has no infinity
 
 
 @dataclass(frozen=True)
@@ -62,17 +61,6 @@ def cosine(reference: np.ndarray, other: np.ndarray) -> float:
     a, b = reference.astype(np.float64).ravel(), other.astype(np.float64).ravel()
     denominator = np.linalg.norm(a) * np.linalg.norm(b)
     return float(a @ b / denominator) if denominator > 0 else float(np.array_equal(a, b))
-
-
-def psnr(reference: np.ndarray, other: np.ndarray, peak: float | None = None) -> float:
-    """Peak signal-to-noise ratio in dB; the peak is the reference's largest magnitude unless given. Identical
-    inputs give PSNR_LIMIT_DB, a zero peak with any difference -PSNR_LIMIT_DB (for infinity)."""
-    reference, other = reference.astype(np.float64), other.astype(np.float64)
-    mse = float(np.mean((reference - other) ** 2))
-    peak = float(np.max(np.abs(reference))) if peak is None else peak
-    if mse == 0:
-        return PSNR_LIMIT_DB
-    return 10 * math.log10(peak**2 / mse) if peak > 0 else -PSNR_LIMIT_DB
 
 
 def flicker(frames: np.ndarray) -> float:

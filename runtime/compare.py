@@ -1,10 +1,13 @@
-"""Numerical comparison with tolerances as data, naming the worst element (numpy only)."""
+"""Numerical comparison with tolerances as data, naming the worst element, and PSNR (numpy only)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+PSNR_LIMIT_DB = 999.0  # |PSNR| reported for identical outputs (+) and an all-zero reference (-): JSON has no infinity
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,14 @@ def assert_close(actual, expected, tol: Tolerance, what: str = "output") -> None
     mismatch = find_mismatch(actual, expected, tol)
     if mismatch is not None:
         raise AssertionError(mismatch.describe(what))
+
+
+def psnr(reference: np.ndarray, other: np.ndarray, peak: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB; the peak is the reference's largest magnitude unless given. Identical
+    inputs give PSNR_LIMIT_DB, a zero peak with any difference -PSNR_LIMIT_DB (for infinity)."""
+    reference, other = reference.astype(np.float64), other.astype(np.float64)
+    mse = float(np.mean((reference - other) ** 2))
+    peak = float(np.max(np.abs(reference))) if peak is None else peak
+    if mse == 0:
+        return PSNR_LIMIT_DB
+    return 10 * math.log10(peak**2 / mse) if peak > 0 else -PSNR_LIMIT_DB

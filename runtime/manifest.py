@@ -215,6 +215,7 @@ class Manifest(_Schema):
     latent: LatentInfo
     text: TextInfo | None
     schedule: ScheduleInfo
+    trained_on: Literal["world"] | None = None  # "world": trained on runtime.world, whose captions are its prompts
     stages: dict[str, StageInfo]  # in pipeline order
     opset: int
     exporter: dict[str, str]  # package -> version

@@ -114,13 +114,17 @@ class Pipeline:
     Thread-safe: `generate` calls from several threads run one at a time (docs/architecture.md §10).
     """
 
-    def __init__(self, manifest: Manifest, runner_for: Callable[[str], Runner], directory: str | Path | None = None):
+    def __init__(self, manifest: Manifest, runner_for: Callable[[str], Runner], directory: str | Path | None = None,
+                 backend: str = "onnxruntime", precision: Precision = "fp32"):
         """Args:
             manifest: the artifact's manifest.
             runner_for: stage name -> a runner (entered here, exited by `close`).
             directory: the artifact directory (the pretrained text tokenizer lives there).
+            backend, precision: what the runners run (`onnxruntime`, `tensorrt`, `torch`; the requested precision),
+                recorded for reports.
         """
         self.manifest, self.directory = manifest, Path(directory) if directory else None
+        self.backend, self.precision = backend, precision
         self._runner_for, self._runners = runner_for, {}
         self.scheduler = DDIMScheduler.from_schedule(manifest.schedule)
         self.denoisers = list(manifest.denoisers)  # names, in sampling order
@@ -158,7 +162,7 @@ class Pipeline:
         def runner_for(name: str) -> Runner:
             return make_runner(backend, files[name], device, threads)
 
-        return cls(manifest, runner_for, directory)
+        return cls(manifest, runner_for, directory, backend, precision)
 
     # --------------------------------------------------------------------------------------------- lifecycle
     def runner(self, name: str) -> Runner:
@@ -291,9 +295,26 @@ class Pipeline:
             if sum(v.shape[2] for v in video) >= plan.frames:
                 break
             cond_latent = self._encode(np.concatenate(video, axis=2)[:, :, -overlap:])  # (1, c, 2, h, w)
-        pixels = np.concatenate(video, axis=2)[0]  # (3, T, H, W) in [-1, 1]
-        uint8 = np.clip(np.round((pixels.transpose(1, 2, 3, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-        return Video(uint8, m.fps, latents)
+        return Video(_to_frames(np.concatenate(video, axis=2)), m.fps, latents)
+
+    def reconstruct(self, video: np.ndarray) -> np.ndarray:
+        """The tokenizer's round trip: `video` encoded to latents and decoded again, as the frames a generation
+        gives (T, H, W, 3) uint8.
+
+        video: (1, 3, T, H, W) float32 in [-1, 1] (`world.to_video` of uint8 frames) at the artifact's H x W, with
+        T = 1 + f k frames (f = the tokenizer's temporal factor, k >= 0: one clip, a single image).
+        Raises RequestError for a video of another shape, NumericalError when the encoder or decoder output goes
+        non-finite.
+        """
+        m = self.manifest
+        factor = m.latent.temporal_factor
+        if video.ndim != 5 or video.shape[:2] != (1, 3) or video.shape[3:] != (m.height, m.width) \
+                or (video.shape[2] - 1) % factor:
+            raise RequestError(f"the tokenizer takes a (1, 3, 1 + {factor}k, {m.height}, {m.width}) video, got "
+                               f"{video.shape}")
+        with self._lock:
+            decoded = self.runner("tokenizer_decoder").infer({"latent": self._encode(video)})["video"]
+            return _to_frames(_finite(decoded, "the tokenizer decoder"))
 
     def _check_conditioning(self, prompt: str | None, class_id: int | None) -> str:
         """'text', 'class' or 'none' (the base denoiser's conditioning), after checking the request fits it.
@@ -421,6 +442,11 @@ def _pool_to(latent: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     b, c, t, hh, ww = latent.shape
     h, w = size
     return latent.reshape(b, c, t, h, hh // h, w, ww // w).mean(axis=(4, 6))
+
+
+def _to_frames(video: np.ndarray) -> np.ndarray:
+    """The tokenizer decoder's video (1, 3, T, H, W) in [-1, 1] -> frames (T, H, W, 3) uint8."""
+    return np.clip(np.round((video[0].transpose(1, 2, 3, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def _image_to_video(image: np.ndarray, manifest: Manifest) -> np.ndarray:

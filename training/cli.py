@@ -158,7 +158,8 @@ def _assemble(args, cfg: CascadeConfig) -> None:
     diffusion = cfg.diffusion.model_dump()
     if args.inference_steps:
         diffusion["num_inference_steps"] = args.inference_steps
-    config = CascadeConfig(**cfg.model_dump() | {"tokenizer": tokenizer.model_dump(), "diffusion": diffusion})
+    config = CascadeConfig(**cfg.model_dump() | {"tokenizer": tokenizer.model_dump(), "diffusion": diffusion,
+                                                 "trained_on": "world"})
     cascade = walt_export.Cascade(config, {
         "tokenizer": _with_config(walt_export.load(weights_path(args.out, "tokenizer")), tokenizer),
         "text_encoder": build_component(cfg, "text_encoder", seed=TEXT_ENCODER_SEED),

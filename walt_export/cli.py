@@ -6,6 +6,7 @@
     walt-export verify --artifacts DIR [--checkpoint PATH]   onnxruntime vs PyTorch for every model and variant
     walt-export calibrate --artifacts DIR [--samples 4] [--method percentile]   INT8 Q/DQ files + quality report
     walt-export engines --artifacts DIR [--precision fp16] [--attention fallback]   TensorRT engines + registry
+    walt-export score --artifacts DIR [--backend onnxruntime] [--prompts 8] [--json OUT]   prompt adherence (world)
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import get_args
 
 from runtime.cli import run_command, version
 from runtime.engine_registry import ATTENTION, ENGINE_PRECISIONS
 from runtime.errors import UsageError
-from runtime.request import Count, Gigabytes, Seed, Threads, parse_as
+from runtime.manifest import Precision
+from runtime.request import Count, Gigabytes, Seed, Steps, Threads, parse_as
+from runtime.score import MODES, Backend
 from walt_export.config import PRESETS
 
 DEFAULT_PRESET = "tiny"
@@ -38,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", choices=list(PRESETS), default=None, help=f"default: {DEFAULT_PRESET}")
     source.add_argument("--checkpoint", help="a .safetensors cascade checkpoint (its .json beside it)")
     summary.add_argument("--meta", action="store_true", help="build on the meta device (no memory; paper presets)")
-    summary.add_argument("--seed", **seed)
+    random_seed = seed | {"default": None, "help": "seeded random weights, in [0, 2^63 - 1], instead of the preset's "
+                                                   "trained reference weights (tiny has them; others: default 0)"}
+    summary.add_argument("--seed", **random_seed)
 
     init = sub.add_parser("init", help="write a checkpoint of a preset with seeded random weights")
     init.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help=f"default: {DEFAULT_PRESET}")
@@ -51,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--checkpoint", help="a .safetensors cascade checkpoint (default: seeded random weights)")
     onnx.add_argument("--out", required=True, help="the artifact directory (new, empty, or the same artifact)")
     onnx.add_argument("--fp16", action="store_true", help="also write FP16 variants of every model")
-    onnx.add_argument("--seed", **seed | {"help": f"without --checkpoint: {seed['help']}"})
+    onnx.add_argument("--seed", **random_seed)
 
     verify = sub.add_parser("verify", help="compare every model of an artifact with PyTorch (onnxruntime, CPU)")
     verify.add_argument("--artifacts", required=True, help="an artifact directory written by `walt-export onnx`")
@@ -90,6 +96,27 @@ def _parser() -> argparse.ArgumentParser:
                          help="TensorRT workspace limit in GiB, > 0 (default: TensorRT's; Jetson: keep it small)")
     engines.add_argument("--timing-cache",
                          help="a timing-cache file, read and updated (full TensorRT; TensorRT-RTX has none)")
+
+    score = sub.add_parser("score", help="prompt adherence: generate world prompts with fixed seeds and print the "
+                                         "colour, shape and direction accuracy, and the tokenizer's PSNR")
+    score.add_argument("--artifacts", required=True, help="a text-to-video artifact directory (walt-export onnx)")
+    score.add_argument("--backend", choices=get_args(Backend), default="onnxruntime",
+                       help="onnxruntime (default, CPU), tensorrt (the plans of `walt-export engines`), or torch "
+                            "(the PyTorch modules the artifact was exported from)")
+    score.add_argument("--precision", choices=get_args(Precision),
+                       help="default fp32 with onnxruntime and torch (torch runs fp32 only), fp16 with tensorrt")
+    score.add_argument("--prompts", type=parse_as(Count), default=8,
+                       help="world prompts per mode, >= 1; prompt i has seed i (default 8: every colour, shape and "
+                            "direction twice or more)")
+    score.add_argument("--clips", type=parse_as(Count), default=2,
+                       help="held-out world clips for the tokenizer's PSNR, >= 1 (default 2)")
+    score.add_argument("--steps", type=parse_as(Steps), help="DDIM steps of every denoiser, >= 1 (default: the "
+                                                             "artifact's)")
+    score.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                       help=f"what to score (default all): {', '.join(MODES)}")
+    score.add_argument("--json", help="also write the report (every decision) to this .json file")
+    score.add_argument("--threads", type=parse_as(Threads), default=0,
+                       help="CPU threads per model, >= 0 (default 0: onnxruntime or PyTorch decides)")
     for command in sub.choices.values():  # -v after the command too
         command.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
     return parser
@@ -136,6 +163,49 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from runtime.files import atomic_output, check_output
+    from runtime.pipeline import Pipeline
+    from runtime.score import format_table, score_pipeline
+
+    if args.json:
+        check_output(args.json, "--json", "file", suffix=".json")
+    if args.backend == "torch":
+        if args.precision not in (None, "fp32"):
+            raise UsageError(f"--backend torch runs the float32 PyTorch modules: pass --precision fp32 or leave it "
+                             f"out, not {args.precision}")
+        import torch
+
+        from walt_export.torch_runner import torch_pipeline
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        pipeline = torch_pipeline(args.artifacts)
+    else:
+        pipeline = Pipeline.from_artifacts(args.artifacts, args.backend, precision=args.precision,
+                                           threads=args.threads)
+    with pipeline:
+        report = score_pipeline(pipeline, args.prompts, clips=args.clips, steps=args.steps, modes=args.modes,
+                                progress=print)
+    print(format_table(report))
+    if args.json:
+        with atomic_output(args.json) as path:
+            path.write_text(report.model_dump_json(indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint a command's weights come from: --checkpoint, else the preset's trained reference weights
+    unless --seed asks for random ones (`walt_export.reference`), else None (seeded random weights)."""
+    from walt_export.reference import reference_checkpoint
+
+    if args.checkpoint or args.seed is not None:
+        return args.checkpoint
+    trained = reference_checkpoint(args.preset or DEFAULT_PRESET)
+    return str(trained) if trained else None
+
+
 def _load_cascade(checkpoint: str):
     """The Cascade of a whole-cascade checkpoint; CheckpointError when it holds one part."""
     import walt_export
@@ -153,19 +223,20 @@ def _export(args: argparse.Namespace) -> int:
     from walt_export.cascade import build_component
     from walt_export.onnx_export import export_artifacts
 
-    if args.checkpoint:
-        cascade = _load_cascade(args.checkpoint)
+    checkpoint = _checkpoint(args)
+    if checkpoint:
+        cascade = _load_cascade(checkpoint)
         if args.preset is not None and cascade.config.name != args.preset:
             raise walt_export.CheckpointError(
-                f"{args.checkpoint} is a checkpoint of {cascade.config.name!r}, not {args.preset!r}; "
+                f"{checkpoint} is a checkpoint of {cascade.config.name!r}, not {args.preset!r}; "
                 f"pass --preset {cascade.config.name} or leave --preset out")
-        path = Path(args.checkpoint).resolve()
+        path = Path(checkpoint).resolve()
         cfg, source = cascade.config, SourceInfo(checkpoint=str(path), sha256=sha256_of(path))
         components = lambda name: getattr(cascade, name)  # noqa: E731
     else:
-        preset = args.preset or DEFAULT_PRESET
-        cfg, source = walt_export.PRESETS[preset], SourceInfo(preset=preset, seed=args.seed)
-        components = lambda name: build_component(cfg, name, seed=args.seed)  # noqa: E731 (one at a time)
+        preset, seed = args.preset or DEFAULT_PRESET, args.seed or 0
+        cfg, source = walt_export.PRESETS[preset], SourceInfo(preset=preset, seed=seed)
+        components = lambda name: build_component(cfg, name, seed=seed)  # noqa: E731 (one at a time)
     manifest = export_artifacts(cfg, components, args.out, source, fp16=args.fp16)
     files = [f for stage in manifest.stages.values() for f in stage.files]
     print(f"wrote {args.out}: {len(manifest.stages)} models, {len(files)} files "
@@ -196,10 +267,12 @@ def _run(args: argparse.Namespace) -> int:
     import walt_export
 
     if args.command == "summary":
-        if args.checkpoint:
-            cascade = _load_cascade(args.checkpoint)
+        checkpoint = None if args.meta else _checkpoint(args)
+        if checkpoint:
+            cascade = _load_cascade(checkpoint)
+            print(f"weights: {checkpoint}")
         else:
-            cascade = walt_export.build(args.preset or DEFAULT_PRESET, seed=args.seed,
+            cascade = walt_export.build(args.preset or DEFAULT_PRESET, seed=args.seed or 0,
                                         device="meta" if args.meta else "cpu")
         print(cascade.summary())
     elif args.command == "init":
@@ -214,4 +287,6 @@ def _run(args: argparse.Namespace) -> int:
         return _calibrate(args)
     elif args.command == "engines":
         return _engines(args)
+    elif args.command == "score":
+        return _score(args)
     return 0

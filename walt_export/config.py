@@ -315,6 +315,9 @@ class CascadeConfig(StrictModel):
     sr1: SuperResConfig | None = None
     sr2: SuperResConfig | None = None
     diffusion: DiffusionConfig = DiffusionConfig()
+    # What these weights were trained on: "world" = the procedural world of `runtime.world`, whose captions are the
+    # prompts the model understands (the reference cascade, `training/`); None = random or external weights.
+    trained_on: Literal["world"] | None = None
 
     def denoisers(self) -> dict[str, DenoiserConfig]:
         """The denoisers present (base, sr1, sr2), in sampling order."""

@@ -226,7 +226,8 @@ def _manifest(cfg: CascadeConfig, source: SourceInfo, stages: dict[str, StageInf
         frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
         latent=LatentInfo(channels=c, frames=t, height=h, width=w, mean=tk.latent_mean, std=tk.latent_std,
                           temporal_factor=tk.temporal_factor, spatial_factor=tk.spatial_factor),
-        text=text, schedule=ScheduleInfo(**cfg.diffusion.model_dump()), stages=stages, opset=OPSET,
+        text=text, schedule=ScheduleInfo(**cfg.diffusion.model_dump()), trained_on=cfg.trained_on, stages=stages,
+        opset=OPSET,
         exporter={name: _version(name) for name in ("walt-export", "torch", "onnx", "onnxscript", "onnxruntime")},
     )
 

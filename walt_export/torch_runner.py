@@ -39,7 +39,8 @@ class TorchRunner:
         missing = [t.name for t in self.spec.inputs if t.name not in feeds]
         if missing:
             raise ValueError(f"{self.spec.name} needs the inputs {missing}; got {sorted(feeds)}")
-        inputs = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in self.spec.inputs]
+        # copies: the pipeline marks the feeds that stay the same every step read-only, which torch warns about
+        inputs = [torch.from_numpy(np.array(feeds[t.name])) for t in self.spec.inputs]
         outputs = self.spec.call(self.module, *inputs)
         return {t.name: out.numpy() for t, out in zip(self.spec.outputs, outputs, strict=True)}
 
@@ -78,4 +79,4 @@ def torch_pipeline(directory: str | Path, checkpoint: str | Path | None = None) 
         spec = specs[name]
         return TorchRunner(spec.module_of(component(spec.component)), spec)
 
-    return Pipeline(manifest, runner_for, directory)
+    return Pipeline(manifest, runner_for, directory, backend="torch", precision="fp32")

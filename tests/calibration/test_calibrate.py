@@ -13,7 +13,8 @@ from onnx import numpy_helper
 from calibration.calibrate import INT8_DIR, REPORT, calibrate_artifacts
 from calibration.capture import capture, requests, spread
 from calibration.quantize import qdq_problems, qdq_summary
-from calibration.report import PSNR_LIMIT_DB, Gates, failures, psnr, report_json
+from calibration.report import Gates, failures, report_json
+from runtime.compare import PSNR_LIMIT_DB, psnr
 from runtime.errors import UsageError
 from runtime.files import BusyError, artifact_lock
 from runtime.manifest import ArtifactError, read_manifest
