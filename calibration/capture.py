@@ -24,7 +24,8 @@ from calibration.real_video import video_clips
 from runtime.manifest import Manifest, check_file, read_manifest
 from runtime.pipeline import OVERLAP_LATENT_FRAMES, Pipeline, Video
 from runtime.runners import Runner, make_runner
-from runtime.world import sample_clips, scenes, to_video
+from runtime.video import to_video
+from runtime.world import sample_clips, scenes
 
 log = logging.getLogger(__name__)
 

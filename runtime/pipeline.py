@@ -35,6 +35,7 @@ from runtime.manifest import DenoiserInfo, Manifest, Precision, check_file, read
 from runtime.request import Request
 from runtime.runners import DEFAULT_PRECISION, Runner, check_device, make_runner
 from runtime.scheduler import DDIMScheduler, classifier_free_guidance
+from runtime.video import to_frames, to_video
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class Pipeline:
             if sum(v.shape[2] for v in video) >= plan.frames:
                 break
             cond_latent = self._encode(np.concatenate(video, axis=2)[:, :, -overlap:])  # (1, c, 2, h, w)
-        return Video(_to_frames(np.concatenate(video, axis=2)), m.fps, latents)
+        return Video(to_frames(np.concatenate(video, axis=2)), m.fps, latents)
 
     def reconstruct(self, video: np.ndarray) -> np.ndarray:
         """The tokenizer's round trip: `video` encoded to latents and decoded again, as the frames a generation
@@ -314,7 +315,7 @@ class Pipeline:
                                f"{video.shape}")
         with self._lock:
             decoded = self.runner("tokenizer_decoder").infer({"latent": self._encode(video)})["video"]
-            return _to_frames(_finite(decoded, "the tokenizer decoder"))
+            return to_frames(_finite(decoded, "the tokenizer decoder"))
 
     def _check_conditioning(self, prompt: str | None, class_id: int | None) -> str:
         """'text', 'class' or 'none' (the base denoiser's conditioning), after checking the request fits it.
@@ -444,15 +445,10 @@ def _pool_to(latent: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return latent.reshape(b, c, t, h, hh // h, w, ww // w).mean(axis=(4, 6))
 
 
-def _to_frames(video: np.ndarray) -> np.ndarray:
-    """The tokenizer decoder's video (1, 3, T, H, W) in [-1, 1] -> frames (T, H, W, 3) uint8."""
-    return np.clip(np.round((video[0].transpose(1, 2, 3, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def _image_to_video(image: np.ndarray, manifest: Manifest) -> np.ndarray:
     """(H, W, 3) uint8 -> (1, 3, 1, H, W) in [-1, 1], checked against the artifact's size."""
     image = np.asarray(image)
     if image.shape != (manifest.height, manifest.width, 3) or image.dtype != np.uint8:
         raise RequestError(f"the image must be ({manifest.height}, {manifest.width}, 3) uint8, got "
                          f"{image.shape} {image.dtype}; `runtime.video.read_image(path, size)` resizes one")
-    return (image.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None, :, None]
+    return to_video(image[None])

@@ -38,7 +38,8 @@ from runtime.errors import UsageError
 from runtime.manifest import Precision
 from runtime.pipeline import Pipeline
 from runtime.request import Seed, Steps
-from runtime.world import COLOURS, DIRECTIONS, SHAPES, Clip, Colour, Direction, Scene, Shape, sample_clips, to_video
+from runtime.video import to_video
+from runtime.world import COLOURS, DIRECTIONS, SHAPES, Clip, Colour, Direction, Scene, Shape, sample_clips
 
 log = logging.getLogger(__name__)
 

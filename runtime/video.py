@@ -22,6 +22,16 @@ log = logging.getLogger(__name__)
 CRF = 18  # visually lossless for H.264
 
 
+def to_video(frames: np.ndarray) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8 -> the tokenizer's video (1, 3, T, H, W) float32 in [-1, 1]."""
+    return (frames.astype(np.float32) / 127.5 - 1.0).transpose(3, 0, 1, 2)[None]
+
+
+def to_frames(video: np.ndarray) -> np.ndarray:
+    """The tokenizer decoder's video (1, 3, T, H, W) in [-1, 1] -> frames (T, H, W, 3) uint8 (rounded, clipped)."""
+    return np.clip(np.round((video[0].transpose(1, 2, 3, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:

@@ -191,8 +191,3 @@ def sample_clips(count: int, seed: int, aspect: float = 896 / 512) -> list[Clip]
     """`count` clips from seeds seed, seed + 1, ...: scenes cycle through `scenes()` so every one appears."""
     all_scenes = scenes()
     return [Clip.sample(seed + i, all_scenes[(seed + i) % len(all_scenes)], aspect) for i in range(count)]
-
-
-def to_video(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) float32 in [-1, 1], the tokenizer's input."""
-    return (frames.astype(np.float32) / 127.5 - 1.0).transpose(3, 0, 1, 2)[None]

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 import walt_export
-from runtime.world import scenes
+from runtime.video import to_frames, to_video
+from runtime.world import sample_clips, scenes
 from training import data, losses
 from training.loop import Schedule, state_path, train, weights_path
 from walt_export.cascade import build_component
@@ -36,8 +37,8 @@ log = logging.getLogger("training")
 TEXT_ENCODER_SEED = 0
 STATS_FILE = "latent_stats.json"
 DEFAULTS = {  # stage -> (batch, lr)
-    "tokenizer": (8, 1e-3), "base": (16, 3e-4), "sr1": (8, 3e-4), "sr2": (8, 3e-4),
-}
+    "tokenizer": (16, 1e-3), "base": (16, 3e-4), "sr1": (8, 3e-4), "sr2": (8, 3e-4),
+}  # the tokenizer's batch counts 64x64 crops: each step holds about batch x 64 x 64 pixels per frame
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,10 +51,15 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("--batch", type=int, default=DEFAULTS[name][0], help="samples per step")
         stage.add_argument("--lr", type=float, default=DEFAULTS[name][1], help="peak learning rate")
         if name == "tokenizer":
-            stage.add_argument("--frames", type=int, default=9, help="frames per crop (1 + 4k)")
-            stage.add_argument("--crop", type=int, default=128, help="crop size in pixels (a multiple of 8)")
+            stage.add_argument("--frames", type=int, default=5, help="frames per crop (1 + 4k; default 5)")
+            stage.add_argument("--crops", type=int, nargs="+", default=[64, 128, 256, 0],
+                               help="square crop sizes, multiples of 8, each step one of them; 0 = the whole frame "
+                                    "(default 64 128 256 0)")
     latents = sub.add_parser("latents", help="encode world clips with the trained tokenizer (the denoisers' data)")
     latents.add_argument("--count", type=int, default=400, help="clips to encode (default 400)")
+    psnr = sub.add_parser("psnr", help="the trained tokenizer's reconstruction PSNR on held-out world clips "
+                                       "(PyTorch; `walt-export score` measures an exported one)")
+    psnr.add_argument("--clips", type=int, default=2, help="held-out clips (default 2)")
     cascade = sub.add_parser("cascade", help="assemble the stages' weights into one cascade checkpoint")
     cascade.add_argument("--to", required=True, help="the cascade checkpoint to write (.safetensors)")
     cascade.add_argument("--inference-steps", type=int, default=None,
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.command == "latents":
         _encode(args, cfg, device)
+    elif args.command == "psnr":
+        _psnr(args, cfg, device)
     elif args.command == "cascade":
         _assemble(args, cfg)
     else:
@@ -98,8 +106,9 @@ def _schedule(args) -> Schedule:
 def _train_tokenizer(args, cfg: CascadeConfig, device: torch.device, schedule: Schedule) -> None:
     torch.manual_seed(args.seed)
     tokenizer = build_component(cfg, "tokenizer", seed=args.seed, device=device)
-    crops = data.TokenizerCrops(args.seed, _resume_step(args.out, "tokenizer"), args.batch, args.frames,
-                                args.crop, cfg.height, cfg.width)
+    sizes = [(cfg.height, cfg.width) if size == 0 else (size, size) for size in args.crops]
+    crops = data.TokenizerCrops(args.seed, _resume_step(args.out, "tokenizer"), args.batch * 64 * 64, args.frames,
+                                sizes, cfg.height, cfg.width)
     prefetch = {"prefetch_factor": 4} if args.workers else {}
     loader = torch.utils.data.DataLoader(crops, batch_size=None, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", **prefetch)
@@ -127,6 +136,23 @@ def _encode(args, cfg: CascadeConfig, device: torch.device) -> None:
     data.save_latents(args.out, (latents - mean.reshape(shape)) / std.reshape(shape), ids)
     (args.out / STATS_FILE).write_text(json.dumps({"latent_mean": mean.tolist(), "latent_std": std.tolist()}))
     log.info("encoded %d clips; latent mean %s std %s", len(latents), np.round(mean, 3), np.round(std, 3))
+
+
+@torch.no_grad()
+def _psnr(args, cfg: CascadeConfig, device: torch.device) -> None:
+    """Print the PSNR (dB, uint8 frames) of each held-out clip (`runtime.score.HELD_OUT_SEED`) at the cascade's
+    size after the tokenizer's round trip, and their mean: the number `walt-export score` reports."""
+    from runtime.compare import psnr
+    from runtime.score import HELD_OUT_SEED
+
+    tokenizer = walt_export.load(weights_path(args.out, "tokenizer"), device=device)
+    values = []
+    for clip in sample_clips(args.clips, HELD_OUT_SEED, aspect=cfg.width / cfg.height):
+        frames = clip.render(cfg.frames, cfg.height, cfg.width)
+        decoded = tokenizer.decode(tokenizer.encode(torch.from_numpy(to_video(frames)).to(device)))
+        values.append(psnr(frames, to_frames(decoded.cpu().numpy()), peak=255.0))
+    print(f"tokenizer PSNR on {args.clips} held-out clips: {', '.join(f'{v:.2f}' for v in values)} dB; "
+          f"mean {np.mean(values):.2f} dB")
 
 
 def _text_states(cfg: CascadeConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

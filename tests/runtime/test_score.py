@@ -22,7 +22,8 @@ from runtime.score import (
     score_pipeline,
     score_prompts,
 )
-from runtime.world import COLOURS, DIRECTIONS, SHAPES, Clip, Scene, scenes, to_video
+from runtime.video import to_video
+from runtime.world import COLOURS, DIRECTIONS, SHAPES, Clip, Scene, scenes
 from tests.test_boundaries import BLOCK_TORCH, python
 from walt_export.cli import main as walt_export
 

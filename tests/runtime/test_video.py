@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from runtime.errors import RequestError
-from runtime.video import atomic_output, read_image, read_video, write_mp4, write_pngs
+from runtime.video import atomic_output, read_image, read_video, to_frames, to_video, write_mp4, write_pngs
 
 
 def gradient_frames(t=17, h=64, w=112):
@@ -206,3 +206,11 @@ def test_a_16_bit_grayscale_image_keeps_its_range(tmp_path):
     image = read_image(tmp_path / "depth.png", (48, 64)).astype(int)
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
     np.testing.assert_allclose(image[0, :, 0], ramp[0] >> 8, atol=2)
+
+
+def test_frames_to_the_tokenizer_video_and_back():
+    frames = np.random.default_rng(0).integers(0, 256, (5, 16, 24, 3), dtype=np.uint8)
+    video = to_video(frames)
+    assert video.shape == (1, 3, 5, 16, 24) and video.dtype == np.float32
+    assert -1.0 <= video.min() and video.max() <= 1.0
+    assert np.array_equal(to_frames(video), frames)

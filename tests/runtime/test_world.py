@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from runtime.world import COLOURS, DIRECTIONS, SHAPES, Clip, Scene, sample_clips, scenes, to_video
+from runtime.world import COLOURS, DIRECTIONS, SHAPES, Clip, Scene, sample_clips, scenes
 
 
 def test_scenes_and_captions():
@@ -42,9 +42,3 @@ def test_the_object_stays_inside_over_one_clip_and_moves_its_direction():
         assert (x1 - x0) * ux + (y1 - y0) * uy > 0.25  # travels at least a quarter of S
         for x, y in ((x0, y0), (x1, y1)):
             assert abs(x) + clip.radius <= 896 / 512 / 2 and abs(y) + clip.radius <= 0.5, clip
-
-
-def test_to_video_is_the_tokenizer_input():
-    video = to_video(Clip.sample(0).render(5, 16, 24))
-    assert video.shape == (1, 3, 5, 16, 24) and video.dtype == np.float32
-    assert -1.0 <= video.min() and video.max() <= 1.0

@@ -12,7 +12,7 @@ from training.data import tokenizer_crop
 from training.loop import state_path, weights_path
 
 RESUME_TOLERANCE = Tolerance(1e-6, 1e-5)  # a resumed run repeats the draws of an uninterrupted one (float32 CPU)
-STAGE_ARGS = {"tokenizer": ["--batch", "2", "--frames", "5", "--crop", "32"], "base": ["--batch", "2"],
+STAGE_ARGS = {"tokenizer": ["--batch", "2", "--frames", "5", "--crops", "32", "0"], "base": ["--batch", "2"],
               "sr1": ["--batch", "2"], "sr2": ["--batch", "2"]}
 
 
@@ -70,8 +70,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(run, tmp_path, stage
 def test_tokenizer_crops_are_world_video_in_range():
     import numpy as np
 
-    crop = tokenizer_crop(np.random.default_rng(0), 5, 32, 128, 224)
-    assert crop.shape == (3, 5, 32, 32) and crop.dtype == np.float32
+    crop = tokenizer_crop(np.random.default_rng(0), 5, (32, 48), 128, 224)
+    assert crop.shape == (3, 5, 32, 48) and crop.dtype == np.float32
     assert -1.0 <= crop.min() and crop.max() <= 1.0 and crop.std() > 0.01
 
 
