@@ -25,7 +25,7 @@ from runtime.world import PATH_FRAMES, Clip, sample_clips, scenes
 
 log = logging.getLogger(__name__)
 
-OBJECT_CROPS = 0.75  # fraction of tokenizer crops centred near the object (the rest anywhere in the frame)
+OBJECT_CROPS = 0.5  # fraction of tokenizer crops centred near the object (the rest anywhere in the frame)
 
 
 def tokenizer_crop(rng: np.random.Generator, frames: int, size: tuple[int, int], height: int,

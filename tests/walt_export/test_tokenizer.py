@@ -123,3 +123,25 @@ def test_paper_tokenizer_geometry():
     assert cfg.channels == (128, 256, 256, 512)
     assert cfg.latent_shape(17, 128, 128) == (8, 5, 16, 16)  # 17x128^2 -> 5x16^2 [spec §2]
     assert cfg.latent_shape(1, 512, 896) == (8, 1, 64, 112)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_frame_group_norm_trains_through_the_fused_kernel_with_the_same_values(generator, affine):
+    """Training (module in train mode, gradients on) takes torch's fused group_norm; it must equal the per-frame
+    statistics that inference and the export use, values and gradients."""
+    from walt_export.models.tokenizer import FrameGroupNorm
+
+    norm = FrameGroupNorm(2, 6, 1e-6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(generator=generator), norm.bias.normal_(generator=generator)
+    x = torch.randn(2, 6, 3, 5, 7, generator=generator, dtype=torch.float64).requires_grad_()
+    norm.double()
+    results = []
+    for training in (True, False):
+        norm.train(training)
+        out = norm(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        results.append((out.detach(), grad))
+    assert_close(results[0][0], results[1][0], Tolerance(1e-10, 1e-10), "train vs eval output")
+    assert_close(results[0][1], results[1][1], Tolerance(1e-9, 1e-9), "train vs eval gradient")
