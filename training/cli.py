@@ -52,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("--lr", type=float, default=DEFAULTS[name][1], help="peak learning rate")
         if name == "tokenizer":
             stage.add_argument("--frames", type=int, default=5, help="frames per crop (1 + 4k; default 5)")
-            stage.add_argument("--crops", type=int, nargs="+", default=[64, 128, 256, 0],
-                               help="square crop sizes, multiples of 8, each step one of them; 0 = the whole frame "
-                                    "(default 64 128 256 0)")
+            stage.add_argument("--crops", type=int, nargs="+", default=[128, 256, 256, 256, 0],
+                               help="square crop sizes, multiples of 8, each step one of them (repeat one to draw it "
+                                    "more often); 0 = the whole frame (default 128 256 256 256 0)")
     latents = sub.add_parser("latents", help="encode world clips with the trained tokenizer (the denoisers' data)")
     latents.add_argument("--count", type=int, default=400, help="clips to encode (default 400)")
     psnr = sub.add_parser("psnr", help="the trained tokenizer's reconstruction PSNR on held-out world clips "

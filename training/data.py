@@ -52,7 +52,7 @@ class TokenizerCrops(torch.utils.data.IterableDataset):
     by (seed, i), so a resumed run sees the batches it would have seen, whatever the number of workers.
 
     Each batch takes one of `sizes` ((h, w) crops; the whole height x width frame among them) at random, with as
-    many crops as make about `pixels` pixels per frame (at least one). The sizes must include the whole frame: the
+    many crops as make about `pixels` pixels per frame (at least two). The sizes must include the whole frame: the
     tokenizer's GroupNorm takes its statistics over each frame and its convolutions pad with zeros, so a model
     trained on small crops only does not reconstruct whole frames (measured: 38-40 dB on 64x64 crops, 18 dB on the
     512x896 frame after 800 steps of 64x64 crops).
@@ -70,7 +70,8 @@ class TokenizerCrops(torch.utils.data.IterableDataset):
         while True:
             rng = np.random.default_rng([self.seed, step])
             size = self.sizes[int(rng.integers(len(self.sizes)))]
-            batch = max(1, round(self.pixels / (size[0] * size[1])))
+            batch = max(2, round(self.pixels / (size[0] * size[1])))  # 2: PyTorch's CPU conv3d takes a slow
+            # path (slow_conv3d, 4.6x slower measured at 256x256) for one small-channel video
             crops = [tokenizer_crop(rng, self.frames, size, self.height, self.width) for _ in range(batch)]
             yield torch.from_numpy(np.stack(crops))
             step += workers
