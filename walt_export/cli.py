@@ -98,7 +98,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="a timing-cache file, read and updated (full TensorRT; TensorRT-RTX has none)")
 
     score = sub.add_parser("score", help="prompt adherence: generate world prompts with fixed seeds and print the "
-                                         "colour, shape and direction accuracy, and the tokenizer's PSNR")
+                                         "colour, shape and direction accuracy, and the tokenizer's PSNR",
+                           description="The world is the procedural video world the reference cascade is trained on "
+                                       "(runtime/world.py, docs/reference.md): one red, green, blue or yellow circle, "
+                                       "square or triangle moving left, right, up or down over a grey background, "
+                                       "captioned like 'a red circle moving left'. Each video is read back by an "
+                                       "analytic detector (runtime/detector.py).")
     score.add_argument("--artifacts", required=True, help="a text-to-video artifact directory (walt-export onnx)")
     score.add_argument("--backend", choices=get_args(Backend), default="onnxruntime",
                        help="onnxruntime (default, CPU), tensorrt (the plans of `walt-export engines`), or torch "
