@@ -166,6 +166,18 @@ def score_frames(frames: np.ndarray, scene: Scene, first: int = 0, *, mode: Mode
                     direction=found.direction)
 
 
+def tokenizer_psnrs(reconstruct: Callable[[np.ndarray], np.ndarray], clips: int, frames: int, height: int,
+                    width: int) -> list[float]:
+    """PSNR in dB (uint8 frames, peak 255) of each of `clips` held-out world clips (seeds from HELD_OUT_SEED) of
+    frames x height x width after `reconstruct`: video (1, 3, T, H, W) float32 in [-1, 1] -> frames (T, H, W, 3)
+    uint8, the tokenizer's round trip (`Pipeline.reconstruct`, or PyTorch's in `python -m training psnr`)."""
+    values = []
+    for clip in sample_clips(clips, HELD_OUT_SEED, aspect=width / height):
+        video = clip.render(frames, height, width)
+        values.append(psnr(video, reconstruct(to_video(video)), peak=255.0))
+    return values
+
+
 def score_pipeline(pipeline: Pipeline, prompts: int, *, clips: int = 2, steps: int | None = None,
                    modes: Sequence[str] = MODES,
                    progress: Callable[[str], None] | None = None) -> ScoreReport:
@@ -229,10 +241,7 @@ def score_pipeline(pipeline: Pipeline, prompts: int, *, clips: int = 2, steps: i
             read(frames, scene, seed, "image-to-video", 1, began)
     decisions.sort(key=lambda d: MODES.index(d.mode))  # stable: prompt order within each mode
 
-    psnrs = []
-    for clip in sample_clips(clips, HELD_OUT_SEED, aspect=m.width / m.height):
-        frames = clip.render(m.frames, m.height, m.width)
-        psnrs.append(psnr(frames, pipeline.reconstruct(to_video(frames)), peak=255.0))
+    psnrs = tokenizer_psnrs(pipeline.reconstruct, clips, m.frames, m.height, m.width)
     log.info("tokenizer PSNR on %d held-out clips: %s dB", clips, [round(p, 2) for p in psnrs])
 
     return ScoreReport(artifacts=str(pipeline.directory), backend=pipeline.backend, precision=pipeline.precision,

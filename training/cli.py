@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 import walt_export
-from runtime.video import to_frames, to_video
-from runtime.world import sample_clips, scenes
+from runtime.video import to_frames
+from runtime.world import scenes
 from training import data, losses
 from training.loop import Schedule, state_path, train, weights_path
 from walt_export.cascade import build_component
@@ -104,7 +104,6 @@ def _schedule(args) -> Schedule:
 
 
 def _train_tokenizer(args, cfg: CascadeConfig, device: torch.device, schedule: Schedule) -> None:
-    torch.manual_seed(args.seed)
     tokenizer = build_component(cfg, "tokenizer", seed=args.seed, device=device)
     sizes = [(cfg.height, cfg.width) if size == 0 else (size, size) for size in args.crops]
     crops = data.TokenizerCrops(args.seed, _resume_step(args.out, "tokenizer"), args.batch * 64 * 64, args.frames,
@@ -141,16 +140,16 @@ def _encode(args, cfg: CascadeConfig, device: torch.device) -> None:
 @torch.no_grad()
 def _psnr(args, cfg: CascadeConfig, device: torch.device) -> None:
     """Print the PSNR (dB, uint8 frames) of each held-out clip (`runtime.score.HELD_OUT_SEED`) at the cascade's
-    size after the tokenizer's round trip, and their mean: the number `walt-export score` reports."""
-    from runtime.compare import psnr
-    from runtime.score import HELD_OUT_SEED
+    size after the tokenizer's round trip (`runtime.score.tokenizer_psnrs`), and their mean: the number
+    `walt-export score` reports."""
+    from runtime.score import tokenizer_psnrs
 
     tokenizer = walt_export.load(weights_path(args.out, "tokenizer"), device=device)
-    values = []
-    for clip in sample_clips(args.clips, HELD_OUT_SEED, aspect=cfg.width / cfg.height):
-        frames = clip.render(cfg.frames, cfg.height, cfg.width)
-        decoded = tokenizer.decode(tokenizer.encode(torch.from_numpy(to_video(frames)).to(device)))
-        values.append(psnr(frames, to_frames(decoded.cpu().numpy()), peak=255.0))
+
+    def reconstruct(video: np.ndarray) -> np.ndarray:
+        return to_frames(tokenizer.decode(tokenizer.encode(torch.from_numpy(video).to(device))).cpu().numpy())
+
+    values = tokenizer_psnrs(reconstruct, args.clips, cfg.frames, cfg.height, cfg.width)
     print(f"tokenizer PSNR on {args.clips} held-out clips: {', '.join(f'{v:.2f}' for v in values)} dB; "
           f"mean {np.mean(values):.2f} dB")
 
