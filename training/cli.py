@@ -37,7 +37,7 @@ log = logging.getLogger("training")
 TEXT_ENCODER_SEED = 0
 STATS_FILE = "latent_stats.json"
 DEFAULTS = {  # stage -> (batch, lr)
-    "tokenizer": (16, 1e-3), "base": (16, 3e-4), "sr1": (8, 3e-4), "sr2": (8, 3e-4),
+    "tokenizer": (16, 1e-3), "base": (16, 5e-4), "sr1": (8, 5e-4), "sr2": (8, 5e-4),
 }  # the tokenizer's batch counts 64x64 crops: each step holds about batch x 64 x 64 pixels per frame
 
 

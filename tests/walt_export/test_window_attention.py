@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from runtime.compare import Tolerance, assert_close
+from walt_export.window_attention import op as op_module
 from walt_export.window_attention.op import SPATIAL_WINDOW, merge, partition, resolve_window, window_attention
 
 TOLERANCES = {torch.float32: Tolerance(atol=1e-5, rtol=1e-5), torch.float64: Tolerance(atol=1e-12, rtol=1e-12)}
@@ -114,9 +115,13 @@ GRADIENT_TOLERANCE = Tolerance(1e-10, 1e-9)  # float64: the op's backward vs aut
 
 @pytest.mark.parametrize("grid, window", [((2, 2, 3), (1, -1, -1)), ((4, 2, 2), (2, 2, 1))])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_backward_is_the_gradient_of_per_window_attention(generator, grid, window, with_bias):
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "chunk-per-window"])
+def test_backward_is_the_gradient_of_per_window_attention(generator, grid, window, with_bias, chunk_bytes,
+                                                          monkeypatch):
     """gradcheck (finite differences, float64) of q, k, v and the bias, and the same gradients as autograd through
-    the plain per-window attention."""
+    the plain per-window attention; with all windows in one backward chunk and with one window per chunk."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(op_module, "BACKWARD_CHUNK_BYTES", chunk_bytes)
     heads = 2
     q, k, v = (x.requires_grad_() for x in qkv(generator, grid, n=2, d=3, dtype=torch.float64))
     length = torch.Size(resolve_window(window, grid)).numel()
