@@ -172,10 +172,10 @@ def test_the_runtime_runs_int8(calibrated):
 def test_an_impossible_gate_fails_naming_the_stage(micro_artifacts, tmp_path_factory, capsys):
     copy = _copy(micro_artifacts, tmp_path_factory, "tight")
     code = walt_export(["calibrate", "--artifacts", str(copy), "--samples", "1", "--held-out", "1",
-                        "--timesteps", "2", "--method", "minmax", "--gate", "min_psnr_db=200"])
+                        "--timesteps", "2", "--method", "minmax", "--gate", "denoiser_min_psnr_db=200"])
     captured = capsys.readouterr()
     assert code == 1
-    assert "base: PSNR" in captured.out and "< min_psnr_db 200" in captured.out
+    assert "base: PSNR" in captured.out and "< denoiser_min_psnr_db 200" in captured.out
     assert "not added to the manifest" in captured.err
     assert (copy / INT8_DIR / REPORT).is_file()
     assert not any(f.precision == "int8" for s in read_manifest(copy).stages.values() for f in s.files)
@@ -191,20 +191,23 @@ def test_bad_requests_are_explained(micro_artifacts, tmp_path, capsys):
     assert "not an artifact directory" in capsys.readouterr().err
     assert walt_export(["calibrate", "--artifacts", str(directory), "--prompts", str(tmp_path / "none.txt")]) == 1
     assert "no prompts file" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="bad gate 'min_cosine=high'"):
-        Gates.parse(["min_cosine=high"])
-    assert walt_export(["calibrate", "--artifacts", str(directory), "--gate", "min_cosine=nan"]) == 1
-    assert "bad gate 'min_cosine=nan': a gate must be a finite number" in capsys.readouterr().err
-    for gate in ("min_cosine=nan", "max_flicker_ratio=inf", "min_video_psnr_db=-inf"):
+    with pytest.raises(ValueError, match="bad gate 'denoiser_min_cosine=high'"):
+        Gates.parse(["denoiser_min_cosine=high"])
+    assert walt_export(["calibrate", "--artifacts", str(directory), "--gate", "tokenizer_min_cosine=nan"]) == 1
+    assert "bad gate 'tokenizer_min_cosine=nan': a gate must be a finite number" in capsys.readouterr().err
+    for gate in ("denoiser_min_cosine=nan", "max_flicker_ratio=inf", "min_video_psnr_db=-inf"):
         with pytest.raises(UsageError, match=rf"bad gate '{gate}': a gate must be a finite number \(default "):
             Gates.parse([gate])
     with pytest.raises(ValueError, match="not JSON compliant"):  # the report's guard: no NaN in report.json
-        report_json({"gates": {"min_cosine": math.nan}})
+        report_json({"gates": {"denoiser_min_cosine": math.nan}})
     assert psnr(np.ones(3), np.ones(3)) == -psnr(np.zeros(3), np.ones(3)) == PSNR_LIMIT_DB  # JSON has no infinity
-    report = {"stages": {"sr2": {"quality": {"cosine_min": 0.9, "psnr_db_min": 40.0}}},
-              "video": {"psnr_db_min": 30.0, "flicker_ratio_max": 2.0}}
-    assert failures(report, Gates()) == ["sr2: cosine 0.900000 < min_cosine 0.985",
-                                         "video: flicker ratio 2.000 > max_flicker_ratio 1.1"]
+    same = {"quality": {"cosine_min": 0.96, "psnr_db_min": 25.0}}  # each stage kind has its own gates
+    report = {"stages": {"sr2": same, "tokenizer_decoder": same}, "video": {"psnr_db_min": 30.0,
+                                                                           "flicker_ratio_max": 2.0}}
+    gates = Gates(denoiser_min_psnr_db=20.0, tokenizer_min_cosine=0.95)
+    assert failures(report, gates) == ["sr2: cosine 0.960000 < denoiser_min_cosine 0.985",
+                                       "tokenizer_decoder: PSNR 25.00 dB < tokenizer_min_psnr_db 30.0",
+                                       "video: flicker ratio 2.000 > max_flicker_ratio 1.1"]
 
 
 @pytest.mark.parametrize(("settings", "message"), [
