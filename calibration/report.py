@@ -54,8 +54,8 @@ class Gates:
 
     @classmethod
     def parse(cls, overrides: list[str]) -> Gates:
-        """Gates from 'name=value' strings, e.g. ['denoiser_min_cosine=0.999']; UsageError for unknown names, values that
-        are not numbers, and values that are not finite."""
+        """Gates from 'name=value' strings, e.g. ['denoiser_min_cosine=0.999']; UsageError for unknown names, values
+        that are not numbers, and values that are not finite."""
         names = {f.name for f in fields(cls)}
         values = {}
         for item in overrides:

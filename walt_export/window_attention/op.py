@@ -36,6 +36,28 @@ def resolve_window(window: Sequence[int], grid: Sequence[int]) -> Window:
     return resolved  # type: ignore[return-value]
 
 
+def _windows(x: Tensor, window: Window, heads: int) -> Tensor:
+    """(N, T, H, W, d) -> (N / heads * num_windows, heads, L, d), N = batch x heads batch-major: one attention
+    problem per (batch, window), the heads of the bias together, so the bias [heads, L, L] broadcasts over dim 0.
+    Eager only (the op's body, never traced): its rank-9 view would break the rank <= 8 that `partition` keeps for
+    exported graphs (TensorRT's limit, onnx_contract.MAX_RANK), and building it from `partition` costs a copy."""
+    n, t, h, w, d = x.shape
+    wt, wh, ww = window
+    x = x.view(n // heads, heads, t // wt, wt, h // wh, wh, w // ww, ww, d)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7, 8)  # (B, nT, nH, nW, heads, wt, wh, ww, d)
+    return x.reshape(-1, heads, wt * wh * ww, d)
+
+
+def _unwindows(x: Tensor, window: Window, grid: Sequence[int]) -> Tensor:
+    """Inverse of `_windows`: (B * num_windows, heads, L, d) -> (B * heads, T, H, W, d) for the grid (T, H, W)."""
+    t, h, w = grid
+    wt, wh, ww = window
+    heads, d = x.shape[1], x.shape[-1]
+    x = x.view(-1, t // wt, h // wh, w // ww, heads, wt, wh, ww, d)
+    x = x.permute(0, 4, 1, 5, 2, 6, 3, 7, 8)  # (B, heads, nT, wt, nH, wh, nW, ww, d)
+    return x.reshape(-1, t, h, w, d)
+
+
 def partition(x: Tensor, window: Window) -> Tensor:
     """(N, T, H, W, d) -> (N * num_windows, L, d), windows in (t, h, w) raster order within each n."""
     n, t, h, w, d = x.shape
@@ -69,26 +91,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, window: S
                 f"bias must be [heads, {length}, {length}] with heads dividing N={q.shape[0]}, got {tuple(bias.shape)}"
             )
     return win
-
-
-def _windows(x: Tensor, window: Window, heads: int) -> Tensor:
-    """(N, T, H, W, d) -> (N / heads * num_windows, heads, L, d), N = batch x heads batch-major: one attention
-    problem per (batch, window), the heads of the bias together, so the bias [heads, L, L] broadcasts over dim 0."""
-    n, t, h, w, d = x.shape
-    wt, wh, ww = window
-    x = x.view(n // heads, heads, t // wt, wt, h // wh, wh, w // ww, ww, d)
-    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7, 8)  # (B, nT, nH, nW, heads, wt, wh, ww, d)
-    return x.reshape(-1, heads, wt * wh * ww, d)
-
-
-def _unwindows(x: Tensor, window: Window, grid: Sequence[int]) -> Tensor:
-    """Inverse of `_windows`: (B * num_windows, heads, L, d) -> (B * heads, T, H, W, d) for the grid (T, H, W)."""
-    t, h, w = grid
-    wt, wh, ww = window
-    heads, d = x.shape[1], x.shape[-1]
-    x = x.view(-1, t // wt, h // wh, w // ww, heads, wt, wh, ww, d)
-    x = x.permute(0, 4, 1, 5, 2, 6, 3, 7, 8)  # (B, heads, nT, wt, nH, wh, nW, ww, d)
-    return x.reshape(-1, t, h, w, d)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, wt: int, wh: int, ww: int, scale: float) -> Tensor:
@@ -138,8 +140,9 @@ def _backward(ctx, grad: Tensor) -> tuple:
     qw, kw, vw, dow = (_windows(x, win, heads) for x in (q, k, v, grad))  # (B * nWin, heads, L, d)
     delta = (dow * _windows(out, win, heads)).sum(-1, keepdim=True)  # rowsum(dO * O): (B * nWin, heads, L, 1)
     dq, dk, dv = torch.empty_like(qw), torch.empty_like(kw), torch.empty_like(vw)
-    dbias = torch.zeros(qw.shape[1:3] + qw.shape[2:3], dtype=qw.dtype, device=qw.device)  # (heads, L, L)
     length = qw.shape[2]
+    needs = ctx.needs_input_grad
+    dbias = torch.zeros(heads, length, length, dtype=qw.dtype, device=qw.device) if needs[3] else None
     chunk = max(1, BACKWARD_CHUNK_BYTES // (heads * length * length * qw.element_size()))
     for start in range(0, qw.shape[0], chunk):
         part = slice(start, start + chunk)
@@ -149,16 +152,16 @@ def _backward(ctx, grad: Tensor) -> tuple:
         probs = torch.softmax(scores, dim=-1)
         torch.matmul(probs.transpose(-1, -2), dow[part], out=dv[part])
         dscores = torch.matmul(dow[part], vw[part].transpose(-1, -2)).sub_(delta[part]).mul_(probs)
-        dbias.add_(dscores.sum(0))
+        if dbias is not None:
+            dbias.add_(dscores.sum(0))
         torch.matmul(dscores, kw[part], out=dq[part])
         torch.matmul(dscores.transpose(-1, -2), qw[part], out=dk[part])
-    needs = ctx.needs_input_grad
 
     def grid(x: Tensor, need: bool) -> Tensor | None:
         return _unwindows(x, win, q.shape[1:4]) if need else None
 
     return (grid(dq.mul_(scale), needs[0]), grid(dk.mul_(scale), needs[1]), grid(dv, needs[2]),
-            dbias.to(bias.dtype) if bias is not None and needs[3] else None, None, None, None, None)
+            None if dbias is None else dbias.to(bias.dtype), None, None, None, None)
 
 
 window_attention3d.register_autograd(_backward, setup_context=_setup_context)
