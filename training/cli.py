@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("--minutes", type=float, help="stop after this much wall time in all")
         stage.add_argument("--batch", type=int, default=DEFAULTS[name][0], help="samples per step")
         stage.add_argument("--lr", type=float, default=DEFAULTS[name][1], help="peak learning rate")
+        stage.add_argument("--cooldown", type=float, default=0.0, metavar="MINUTES",
+                           help="decay the learning rate linearly to 0 over the last MINUTES of --minutes "
+                                "(default 0: none)")
         if name == "tokenizer":
             stage.add_argument("--frames", type=int, default=5, help="frames per crop (1 + 4k; default 5)")
             stage.add_argument("--crops", type=int, nargs="+", default=[128, 256, 256, 256, 0],
@@ -100,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 def _schedule(args) -> Schedule:
     if args.steps is None and args.minutes is None:
         raise SystemExit("pass --steps or --minutes (or both): how long to train")
-    return Schedule(steps=args.steps, minutes=args.minutes, lr=args.lr)
+    if args.cooldown < 0 or (args.cooldown > 0 and (args.minutes is None or args.cooldown > args.minutes)):
+        raise SystemExit(f"--cooldown {args.cooldown:g} must be in [0, --minutes]: the decay ends with the time limit")
+    return Schedule(steps=args.steps, minutes=args.minutes, lr=args.lr, cooldown_minutes=args.cooldown)
 
 
 def _train_tokenizer(args, cfg: CascadeConfig, device: torch.device, schedule: Schedule) -> None:

@@ -1,4 +1,5 @@
-"""One resumable, seeded training loop for every stage: AdamW with warm-up, gradient clipping, an EMA of the weights.
+"""One resumable, seeded training loop for every stage: AdamW with warm-up and an optional cool-down, gradient
+clipping, an EMA of the weights.
 
 `DIR/STAGE.state.safetensors` holds what a resumed run needs (weights, EMA, AdamW moments; step, wall time and the
 optimizer's settings in its metadata; no pickle); `DIR/STAGE.safetensors` (+ `.json`) holds the EMA weights as a
@@ -35,10 +36,26 @@ class Schedule:
     minutes: float | None  # stop after this much wall time in all, resumed runs included (None: only steps)
     lr: float
     warmup: int = 200  # linear warm-up steps
+    cooldown_minutes: float = 0.0  # the learning rate falls linearly to 0 over the time limit's last minutes
     ema_decay: float = 0.998
     clip: float = 1.0  # gradient norm
     save_minutes: float = 2.0
     log_every: int = 50
+
+
+def learning_rate(schedule: Schedule, step: int, elapsed: float) -> float:
+    """The learning rate of step `step` (0-based) after `elapsed` seconds of training: warm-up, stable, decay.
+
+    Linear warm-up over `warmup` steps to the peak `lr`, constant, then a linear decay to 0 over the last
+    `cooldown_minutes` of the time limit (`minutes`): the warmup-stable-decay schedule (Hu et al. 2024, MiniCPM
+    §4.1; Hägele et al. 2024), which lets a run of unknown length be extended from its stable phase and still end
+    cooled down. It counts wall time, as the time limit does, so a resumed run decays where it left off.
+    """
+    rate = schedule.lr * min(1.0, (step + 1) / schedule.warmup)
+    if schedule.cooldown_minutes > 0 and schedule.minutes is not None:
+        left = max(schedule.minutes * 60 - elapsed, 0.0)
+        rate *= min(1.0, left / (schedule.cooldown_minutes * 60))
+    return rate
 
 
 def state_path(directory: Path, stage: str) -> Path:
@@ -114,7 +131,7 @@ def train(stage: str, model: nn.Module, loss: Loss, directory: Path, schedule: S
     interval = (time.perf_counter(), step)  # (time, step) of the last log line
     while not done():
         for group in optimizer.param_groups:
-            group["lr"] = schedule.lr * min(1.0, (step + 1) / schedule.warmup)
+            group["lr"] = learning_rate(schedule, step, elapsed)
         value = loss(model, step)
         optimizer.zero_grad(set_to_none=True)
         value.backward()

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     onnx = sub.add_parser("onnx", help="export every model of a cascade to ONNX in an artifact directory")
     onnx.add_argument("--preset", choices=list(PRESETS), default=None,
                       help=f"default: {DEFAULT_PRESET}, or the checkpoint's own")
-    onnx.add_argument("--checkpoint", help="a .safetensors cascade checkpoint (default: seeded random weights)")
+    onnx.add_argument("--checkpoint", help="a .safetensors cascade checkpoint (default: the preset's trained reference "
+                                           "weights where it has them, else seeded random weights)")
     onnx.add_argument("--out", required=True, help="the artifact directory (new, empty, or the same artifact)")
     onnx.add_argument("--fp16", action="store_true", help="also write FP16 variants of every model")
     onnx.add_argument("--seed", **random_seed)

@@ -428,13 +428,17 @@ def _small_t2v(name: str, frames: int, height: int, width: int, window: Triple, 
 
 def tiny() -> CascadeConfig:
     """The paper's t2v geometry (17 frames, base latent 5x16x28, 17x512x896 @ 8 fps) with tiny widths: the
-    geometry of the trained reference cascade (`walt_export.reference`), sized to train on a 2-core CPU."""
+    geometry of the trained reference cascade (`walt_export.reference`), sized to train on a 2-core CPU.
+
+    SR2 is 128 wide, not 64: its 4x4 patches of 8 latent channels hold 128 values per token, and a narrower token
+    makes the patch embedding and the output layer rank-deficient, so half of the noise could never be predicted
+    and stays in every video (docs/reference.md §6)."""
     return _small_t2v(
         "tiny", frames=17, height=512, width=896, window=(5, 8, 14),
         tokenizer=TokenizerConfig(base_channels=8, num_res_blocks=1, num_mid_blocks=1, norm_groups=4),
         text_encoder=TextEncoderConfig(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                                        max_length=32),
-        widths=(64, 64, 64), heads=4, depths=(4, 2, 2),
+        widths=(64, 64, 128), heads=4, depths=(4, 2, 2),
     )
 
 

@@ -9,7 +9,7 @@ import walt_export
 from runtime.compare import Tolerance, assert_close
 from training import cli
 from training.data import tokenizer_crop
-from training.loop import state_path, weights_path
+from training.loop import Schedule, learning_rate, state_path, weights_path
 
 RESUME_TOLERANCE = Tolerance(1e-6, 1e-5)  # a resumed run repeats the draws of an uninterrupted one (float32 CPU)
 STAGE_ARGS = {"tokenizer": ["--batch", "2", "--frames", "5", "--crops", "32", "0"], "base": ["--batch", "2"],
@@ -78,3 +78,17 @@ def test_tokenizer_crops_are_world_video_in_range():
 def test_training_needs_a_length():
     with pytest.raises(SystemExit, match="--steps or --minutes"):
         cli.main(["base", "--preset", "micro", "--out", "/nonexistent"])
+
+
+def test_learning_rate_warms_up_holds_and_cools_down_to_zero_at_the_time_limit():
+    schedule = Schedule(steps=None, minutes=10.0, lr=1e-3, warmup=4, cooldown_minutes=2.0)
+    assert learning_rate(schedule, 0, 0.0) == pytest.approx(2.5e-4)  # warm-up: (step + 1) / warmup
+    assert learning_rate(schedule, 100, 7 * 60) == pytest.approx(1e-3)  # stable
+    assert learning_rate(schedule, 100, 9 * 60) == pytest.approx(5e-4)  # half-way through the last 2 minutes
+    assert learning_rate(schedule, 100, 10 * 60) == 0.0
+    assert learning_rate(Schedule(steps=None, minutes=10.0, lr=1e-3, warmup=4), 100, 9.9 * 60) == 1e-3  # no decay
+
+
+def test_cooldown_must_end_with_a_time_limit():
+    with pytest.raises(SystemExit, match="--cooldown"):
+        cli.main(["base", "--preset", "micro", "--out", "/nonexistent", "--steps", "3", "--cooldown", "1"])
