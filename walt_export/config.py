@@ -432,7 +432,7 @@ def tiny() -> CascadeConfig:
 
     SR2 is 128 wide, not 64: its 4x4 patches of 8 latent channels hold 128 values per token, and a narrower token
     makes the patch embedding and the output layer rank-deficient, so half of the noise could never be predicted
-    and stays in every video (docs/reference.md §6)."""
+    and stays in every video (docs/reference.md §3)."""
     return _small_t2v(
         "tiny", frames=17, height=512, width=896, window=(5, 8, 14),
         tokenizer=TokenizerConfig(base_channels=8, num_res_blocks=1, num_mid_blocks=1, norm_groups=4),
