@@ -4,8 +4,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= torch,cpu,t5,tools,trt-rtx,kernels,calibration,test
-# at most 31 bytes: what tiny's byte-level text encoder reads (a longer prompt is cut, with a warning)
-PROMPT ?= a corgi surfing a wave
+# a caption of the world tiny is trained on (docs/reference.md); at most 31 bytes: what its byte-level text encoder reads
+PROMPT ?= a red circle moving left
 
 .PHONY: demo test gpu-check
 demo: $(VENV)/.installed

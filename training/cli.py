@@ -3,7 +3,7 @@
     python -m training tokenizer --out runs/ref --minutes 120       world crops -> tokenizer.safetensors
     python -m training latents   --out runs/ref                     encode world clips -> latents.npy, stats
     python -m training base      --out runs/ref --minutes 120       (and sr1, sr2: independent of each other)
-    python -m training cascade   --out runs/ref --to walt_export/reference/tiny.safetensors
+    python -m training cascade   --out runs/ref --to walt_export/weights/tiny.safetensors --inference-steps 25 --guidance 2
 
 Each training command resumes from DIR/STAGE.state.safetensors, is seeded (--seed), stops at --steps or --minutes in all
 (resumed runs included) and prints its wall time. The text encoder is not trained: it stays the seeded random
@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     cascade.add_argument("--to", required=True, help="the cascade checkpoint to write (.safetensors)")
     cascade.add_argument("--inference-steps", type=int, default=None,
                          help="the cascade's default DDIM steps (default: the preset's)")
+    cascade.add_argument("--guidance", type=float, default=None,
+                         help="the cascade's default classifier-free guidance scale (default: the preset's)")
     for command in sub.choices.values():
         command.add_argument("--out", required=True, type=Path, help="the run directory (resumed when it exists)")
         command.add_argument("--preset", choices=["tiny", "micro"], default="tiny", help="the cascade (default tiny)")
@@ -188,6 +190,8 @@ def _assemble(args, cfg: CascadeConfig) -> None:
     diffusion = cfg.diffusion.model_dump()
     if args.inference_steps:
         diffusion["num_inference_steps"] = args.inference_steps
+    if args.guidance is not None:
+        diffusion["guidance_scale"] = args.guidance
     config = CascadeConfig(**cfg.model_dump() | {"tokenizer": tokenizer.model_dump(), "diffusion": diffusion,
                                                  "trained_on": "world"})
     cascade = walt_export.Cascade(config, {

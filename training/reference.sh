@@ -5,7 +5,7 @@
 #   training/reference.sh RUN_DIR CASCADE.safetensors
 #
 # Settings (environment): PYTHON (python3), PRESET (tiny), DEVICE (cuda if available), TOKENIZER_MINUTES,
-# DENOISER_MINUTES, CLIPS (latent dataset size), TOKENIZER_BATCH, BASE_BATCH, SR_BATCH, WORKERS, INFERENCE_STEPS,
+# DENOISER_MINUTES, CLIPS (latent dataset size), TOKENIZER_BATCH, BASE_BATCH, SR_BATCH, WORKERS, INFERENCE_STEPS, GUIDANCE,
 # PARALLEL (1: denoisers side by side; default 1 where nvidia-smi exists). Every stage resumes from RUN_DIR, so
 # running the script again continues training where the minutes ran out.
 set -euo pipefail
@@ -31,4 +31,5 @@ done
 for pid in "${pids[@]+"${pids[@]}"}"; do wait "$pid" || status=1; done
 tail -n 3 "$run"/base.log "$run"/sr1.log "$run"/sr2.log
 [[ $status == 0 ]] || { echo "a denoiser failed; see $run/*.log" >&2; exit 1; }
-$py -m training cascade "${common[@]}" --to "$cascade" --inference-steps "${INFERENCE_STEPS:-25}"
+$py -m training cascade "${common[@]}" --to "$cascade" --inference-steps "${INFERENCE_STEPS:-25}" \
+    --guidance "${GUIDANCE:-2}"
