@@ -2,11 +2,12 @@
 
 Recipe (docs/tensorrt.md §7, docs/architecture.md §5): Conv, Gemm and MatMul with constant weights only, listed by
 name (onnxruntime's `MatMulConstBOnly` is ignored in Q/DQ format, so the attention batch-matmuls are kept out this
-way), Q/DQ on their inputs only (not their outputs, which may feed a batch-matmul), weights per-channel symmetric
-int8, activations per-tensor symmetric int8 (every zero point 0), biases left in float (`QuantizeBias=False`:
-TensorRT rejects an int32 DequantizeLinear). The canonical model is quantized: its `wattn` nodes are not quantizable
-ops and their function bodies are kept, so the plugin and fallback variants derive from the quantized canonical as
-for FP32.
+way), Q/DQ on their inputs only (not their outputs, which may feed a batch-matmul; a tensor that feeds both a
+quantized MatMul and a batch-matmul gets the float tensor back at the batch-matmul, `_unquantize_batch_matmuls`),
+weights per-channel symmetric int8, activations per-tensor symmetric int8 (every zero point 0), biases left in
+float (`QuantizeBias=False`: TensorRT rejects an int32 DequantizeLinear). The canonical model is quantized: its
+`wattn` nodes are not quantizable ops and their function bodies are kept, so the plugin and fallback variants derive
+from the quantized canonical as for FP32.
 
 Histogram methods (entropy, percentile) see one calibration sample at a time (their histograms are merged), so
 memory stays at one sample's activations; the tokenizer stages, whose activations are video-sized, always use
@@ -89,8 +90,32 @@ def quantize_stage(stage: str, source: Path, out: Path, feeds: list[dict[str, np
                            "CalibStridedMinMax": 1},  # one sample per pass: the memory of one sample
             calibration_cache_path=None if cache is None else str(cache),
         )
+    _unquantize_batch_matmuls(out)
     log.info("%s: quantized with %s over %d samples", stage, used, len(feeds))
     return used
+
+
+def _unquantize_batch_matmuls(path: Path) -> None:
+    """Rewire every activation x activation MatMul that onnxruntime gave a dequantized input (it shares one Q/DQ pair
+    among all consumers of a tensor it quantizes for a weight MatMul) to the float tensor before that pair; the
+    recipe keeps batch-matmuls in float (`qdq_problems`). Rewrites `path` in place; external data stays where it is."""
+    model = onnx.load(str(path), load_external_data=False)
+    constants = _constants(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or _is_weight(node.input[1], producers, constants):
+            continue
+        for i, name in enumerate(node.input):
+            dequantize = producers.get(name)
+            if dequantize is not None and dequantize.op_type == "DequantizeLinear":
+                quantize = producers.get(dequantize.input[0])
+                if quantize is not None and quantize.op_type == "QuantizeLinear":
+                    node.input[i] = quantize.input[0]
+                    changed += 1
+    if changed:
+        onnx.save(model, str(path))
+        log.debug("%s: %d batch-matmul inputs back to float", path.name, changed)
 
 
 @contextlib.contextmanager

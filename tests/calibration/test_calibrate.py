@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from calibration.calibrate import INT8_DIR, REPORT, calibrate_artifacts
 from calibration.capture import capture, requests, spread
-from calibration.quantize import qdq_problems, qdq_summary
+from calibration.quantize import qdq_problems, qdq_summary, quantize_stage
 from calibration.report import Gates, failures, report_json
 from runtime.compare import PSNR_LIMIT_DB, psnr
 from runtime.errors import UsageError
@@ -266,3 +266,23 @@ def test_int8_speed_benchmark_writes_a_table_and_json(calibrated, tmp_path, caps
     (row,) = json.loads(out.read_text())["rows"]
     assert row["stage"] == "sr1" and row["median_s"]["int8"] > 0 and row["fp32_over_int8"] > 0
     assert "fp32/int8" in capsys.readouterr().out
+
+
+def test_a_tensor_that_also_feeds_a_batch_matmul_stays_float_there(tmp_path):
+    """x feeds a weight MatMul (quantized) and an activation x activation MatMul (kept float, as attention's are):
+    one shared Q/DQ pair would quantize it for both (tiny's 128-wide SR2 has such a tensor)."""
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="projection"),
+             helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1], name="transpose"),
+             helper.make_node("MatMul", ["x", "yt"], ["scores"], name="scores")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 4, 4])], [weight])
+    source = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), source)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 4, 8)).astype(np.float32)} for i in range(2)]
+    quantize_stage("base", source, tmp_path / "shared.int8.onnx", feeds, "minmax")
+    model = onnx.load(tmp_path / "shared.int8.onnx")
+    assert qdq_problems(model, expected_nodes=0) == []
+    assert qdq_summary(model)["quantized_nodes"] == 1
