@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "schedule's steps] (default 8)")
     calibrate.add_argument("--seed", **seed | {"help": "seed of the calibration and held-out generations (default 0)"})
     calibrate.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
-                           help="override a gate: min_cosine, min_psnr_db, min_video_psnr_db, max_flicker_ratio")
+                           help="override a gate (calibration.report.Gates): denoiser_min_cosine, denoiser_min_psnr_db, "
+                                "tokenizer_min_cosine, tokenizer_min_psnr_db, min_video_psnr_db, max_flicker_ratio")
     calibrate.add_argument("--threads", type=parse_as(Threads), default=0,
                            help="onnxruntime CPU threads, >= 0 (0: it decides)")
 
