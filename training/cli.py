@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("--cooldown", type=float, default=0.0, metavar="MINUTES",
                            help="decay the learning rate linearly to 0 over the last MINUTES of --minutes "
                                 "(default 0: none)")
+        if name != "tokenizer":
+            stage.add_argument("--timestep-logit-mean", type=float, default=None, metavar="M",
+                               help="draw training timesteps logit-normal around M (t/T = sigmoid(M + N(0, 1)); "
+                                    "M > 0: more noisy steps) instead of uniform (default)")
         if name == "tokenizer":
             stage.add_argument("--frames", type=int, default=5, help="frames per crop (1 + 4k; default 5)")
             stage.add_argument("--crops", type=int, nargs="+", default=[128, 256, 256, 256, 0],
@@ -180,7 +184,8 @@ def _train_denoiser(args, cfg: CascadeConfig, device: torch.device, schedule: Sc
     latents, ids = data.load_latents(args.out, device)
     states, mask = _text_states(cfg, device)
     model = build_component(cfg, name, seed=args.seed, device=device)
-    loss = losses.DenoiserLoss(getattr(cfg, name), latents, ids, states, mask, cfg.diffusion, args.batch, args.seed)
+    loss = losses.DenoiserLoss(getattr(cfg, name), latents, ids, states, mask, cfg.diffusion, args.batch, args.seed,
+                               args.timestep_logit_mean)
     train(name, model, loss, args.out, schedule)
 
 

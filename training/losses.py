@@ -5,7 +5,10 @@ no learned model to score with, and the world has no fine texture).
 
 Denoisers (docs/model_spec.md §3-4, the runtime's sampling in `runtime/pipeline.py`):
 - v-prediction on the zero-terminal-SNR schedule the runtime samples (`runtime.scheduler.zero_snr_alpha_bar`),
-  t uniform over the training steps; MSE on v over the frames that are not conditioning frames.
+  t uniform over the training steps, or logit-normal (`timestep_logit_mean`: t / T = sigmoid(m + n), n ~ N(0, 1),
+  Esser et al. 2024, "Scaling Rectified Flow Transformers" §3.1), which with m > 0 draws the noisy steps more often:
+  there the caption decides the layout and the motion (docs/reference.md §6); MSE on v over the frames that are not
+  conditioning frames.
 - text: the frozen text encoder's states of the caption; the empty prompt (the runtime's unconditional half of
   classifier-free guidance) in CAPTION_DROPOUT of the samples.
 - self-conditioning [Chen et al. 2022, "Analog Bits"]: in SELF_CONDITIONING of the steps a first pass without
@@ -63,11 +66,14 @@ class DenoiserLoss:
         text_states, text_mask: (K + 1, L, d) and (K + 1, L) of the K captions and, last, the empty prompt.
         diffusion: the training schedule.
         batch, seed: samples per step; seed of every draw (with the step).
+        timestep_logit_mean: None for t uniform over the training steps, else the location m of logit-normal t
+            (see the module docstring).
     """
 
     def __init__(self, config, latents: Tensor, class_ids: Tensor, text_states: Tensor, text_mask: Tensor,
-                 diffusion: DiffusionConfig, batch: int, seed: int):
+                 diffusion: DiffusionConfig, batch: int, seed: int, timestep_logit_mean: float | None = None):
         self.config, self.latents, self.class_ids = config, latents, class_ids
+        self.timestep_logit_mean = timestep_logit_mean
         self.text_states, self.text_mask = text_states, text_mask
         self.batch, self.seed = batch, seed
         self.factor = latents.shape[-2] // config.latent_size[1]  # pooling of the full-resolution latent
@@ -75,6 +81,14 @@ class DenoiserLoss:
                                        diffusion.rescale_zero_terminal_snr)
         self.alpha_bar = torch.tensor(alpha_bar, dtype=torch.float32, device=latents.device)
         self.num_train = diffusion.num_train_timesteps
+
+    def timesteps(self, g: torch.Generator) -> Tensor:
+        """(B,) int64 training timesteps in [0, T) drawn from `g` (uniform or logit-normal)."""
+        device = self.latents.device
+        if self.timestep_logit_mean is None:
+            return torch.randint(self.num_train, (self.batch,), generator=g, device=device)
+        u = torch.sigmoid(self.timestep_logit_mean + torch.randn(self.batch, generator=g, device=device))
+        return (u * self.num_train).long().clamp(max=self.num_train - 1)
 
     def __call__(self, model: nn.Module, step: int) -> Tensor:
         device = self.latents.device
@@ -90,7 +104,7 @@ class DenoiserLoss:
         index = torch.randint(len(self.latents), (b,), generator=g, device=device)
         z = self.latents[index].float()
         x0 = pool(z, self.factor)
-        t = torch.randint(self.num_train, (b,), generator=g, device=device)
+        t = self.timesteps(g)
         a = self.alpha_bar[t].view(b, 1, 1, 1, 1)
         noise = normal(x0)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise

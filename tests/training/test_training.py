@@ -50,21 +50,38 @@ def test_every_stage_writes_weights_and_the_cascade_holds_them(run, tmp_path):
         assert torch.equal(cascade.text_encoder.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize("stage", ["tokenizer", "sr1"])
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(run, tmp_path, stage):
+@pytest.mark.parametrize("stage, extra", [("tokenizer", []), ("sr1", []), ("base", ["--timestep-logit-mean", "1"])])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(run, tmp_path, stage, extra):
     if stage != "tokenizer":  # the denoisers read the run's latents
         for name in ("latents.npy", "latents.json"):
             (tmp_path / "a").mkdir(exist_ok=True)
             (tmp_path / "b").mkdir(exist_ok=True)
             for d in ("a", "b"):
                 (tmp_path / d / name).write_bytes((run / name).read_bytes())
-    train(stage, tmp_path / "a", 3)
-    train(stage, tmp_path / "b", 1)
+    train(stage, tmp_path / "a", 3, *extra)
+    train(stage, tmp_path / "b", 1, *extra)
     assert state_path(tmp_path / "b", stage).is_file()
-    train(stage, tmp_path / "b", 3)
+    train(stage, tmp_path / "b", 3, *extra)
     a, b = (walt_export.load(weights_path(tmp_path / d, stage)).state_dict() for d in ("a", "b"))
     for name in a:
         assert_close(b[name], a[name], RESUME_TOLERANCE, f"{stage}.{name} after resuming")
+
+
+@pytest.mark.parametrize("mean, expected", [(None, 0.5), (1.0, 0.697)])
+def test_training_timesteps_are_uniform_or_logit_normal(mean, expected):
+    """Uniform t has mean T/2; logit-normal around m = 1 has E[sigmoid(1 + N(0, 1))] = 0.697 (numerical integral)."""
+    from training.losses import DenoiserLoss, step_generator
+    from walt_export.config import PRESETS
+
+    cfg = PRESETS["micro"]
+    batch = 20_000
+    loss = DenoiserLoss(cfg.base, torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1, 1),
+                        torch.ones(1, 1), cfg.diffusion, batch, seed=0, timestep_logit_mean=mean)
+    t = loss.timesteps(step_generator(0, 0, torch.device("cpu")))
+    T = cfg.diffusion.num_train_timesteps
+    assert t.shape == (batch,) and t.dtype == torch.int64 and 0 <= t.min() and t.max() < T
+    assert abs(t.float().mean().item() / T - expected) < 0.01, t.float().mean().item() / T
+    assert torch.equal(t, loss.timesteps(step_generator(0, 0, torch.device("cpu"))))  # seeded by (seed, step)
 
 
 def test_tokenizer_crops_are_world_video_in_range():
