@@ -4,6 +4,7 @@
     python -m training latents   --out runs/ref                     encode world clips -> latents.npy, stats
     python -m training base      --out runs/ref --minutes 120       (and sr1, sr2: independent of each other)
     python -m training cascade   --out runs/ref --to walt_export/weights/tiny.safetensors --inference-steps 25 --guidance 2
+    python -m training probe     --out runs/ref                     which caption words the base follows
 
 Each training command resumes from DIR/STAGE.state.safetensors, is seeded (--seed), stops at --steps or --minutes in all
 (resumed runs included) and prints its wall time. The text encoder is not trained: it stays the seeded random
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     psnr = sub.add_parser("psnr", help="the trained tokenizer's reconstruction PSNR on held-out world clips "
                                        "(PyTorch; `walt-export score` measures an exported one)")
     psnr.add_argument("--clips", type=int, default=2, help="held-out clips (default 2)")
+    probe = sub.add_parser("probe", help="which caption words the trained base follows: its diffusion-classifier "
+                                         "accuracy on colour, shape and direction (training/probe.py)")
+    probe.add_argument("--weights", type=Path, help="base weights to probe (default: the run's base.safetensors)")
+    probe.add_argument("--samples", type=int, default=32, help="training clips (default 32)")
+    probe.add_argument("--timesteps", type=int, nargs="+", default=[500, 700, 900],
+                       help="noise levels the loss is summed over (default 500 700 900)")
     cascade = sub.add_parser("cascade", help="assemble the stages' weights into one cascade checkpoint")
     cascade.add_argument("--to", required=True, help="the cascade checkpoint to write (.safetensors)")
     cascade.add_argument("--inference-steps", type=int, default=None,
@@ -96,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         _psnr(args, cfg, device)
     elif args.command == "cascade":
         _assemble(args, cfg)
+    elif args.command == "probe":
+        _probe(args, cfg, device)
     else:
         schedule = _schedule(args)
         if args.command == "tokenizer":
@@ -178,15 +187,35 @@ def _text_states(cfg: CascadeConfig, device: torch.device) -> tuple[torch.Tensor
 
 def _train_denoiser(args, cfg: CascadeConfig, device: torch.device, schedule: Schedule) -> None:
     name = args.command
+    loss = _denoiser_loss(args, cfg, device, name, args.batch, args.timestep_logit_mean)
+    model = build_component(cfg, name, seed=args.seed, device=device)
+    train(name, model, loss, args.out, schedule)
+
+
+def _denoiser_loss(args, cfg: CascadeConfig, device: torch.device, name: str, batch: int = 1,
+                   timestep_logit_mean: float | None = None) -> losses.DenoiserLoss:
+    """The training loss of the denoiser `name` on the run's latents (SystemExit when there are none)."""
     if not (args.out / "latents.npy").is_file():
         raise SystemExit(f"no latents in {args.out}: run `python -m training latents --out {args.out}` first (after "
                          "the tokenizer)")
     latents, ids = data.load_latents(args.out, device)
     states, mask = _text_states(cfg, device)
-    model = build_component(cfg, name, seed=args.seed, device=device)
-    loss = losses.DenoiserLoss(getattr(cfg, name), latents, ids, states, mask, cfg.diffusion, args.batch, args.seed,
-                               args.timestep_logit_mean)
-    train(name, model, loss, args.out, schedule)
+    return losses.DenoiserLoss(getattr(cfg, name), latents, ids, states, mask, cfg.diffusion, batch, args.seed,
+                               timestep_logit_mean)
+
+
+def _probe(args, cfg: CascadeConfig, device: torch.device) -> None:
+    """Print the base's diffusion-classifier accuracy per attribute, text-to-video and with the first latent frame
+    given (`training.probe`)."""
+    from training.probe import caption_accuracy
+
+    loss = _denoiser_loss(args, cfg, device, "base")
+    model = walt_export.load(args.weights or weights_path(args.out, "base"), device=device).eval()
+    print(f"caption accuracy of {args.weights or weights_path(args.out, 'base')} on {args.samples} training clips, "
+          f"t = {' '.join(map(str, args.timesteps))} (chance: colour 25%, shape 33%, direction 25%)")
+    for frames, mode in ((0, "text-to-video"), (1, "first frame given")):
+        accuracy = caption_accuracy(model, loss, args.samples, tuple(args.timesteps), frames, args.seed)
+        print(f"{mode:18} " + "  ".join(f"{k} {v:6.1%}" for k, v in accuracy.items()))
 
 
 def _assemble(args, cfg: CascadeConfig) -> None:

@@ -109,3 +109,11 @@ def test_learning_rate_warms_up_holds_and_cools_down_to_zero_at_the_time_limit()
 def test_cooldown_must_end_with_a_time_limit():
     with pytest.raises(SystemExit, match="--cooldown"):
         cli.main(["base", "--preset", "micro", "--out", "/nonexistent", "--steps", "3", "--cooldown", "1"])
+
+
+def test_probe_prints_the_base_accuracy_per_attribute_and_mode(run, capsys):
+    assert cli.main(["probe", "--preset", "micro", "--out", str(run), "--device", "cpu", "--samples", "4",
+                     "--timesteps", "500"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith(("text-to-video", "first frame given"))]
+    assert len(rows) == 2 and all(word in row for row in rows for word in ("colour", "shape", "direction")), lines
