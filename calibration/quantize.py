@@ -100,22 +100,29 @@ def _unquantize_batch_matmuls(path: Path) -> None:
     among all consumers of a tensor it quantizes for a weight MatMul) to the float tensor before that pair; the
     recipe keeps batch-matmuls in float (`qdq_problems`). Rewrites `path` in place; external data stays where it is."""
     model = onnx.load(str(path), load_external_data=False)
-    constants = _constants(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     changed = 0
+    for node, i, dequantize in list(_quantized_batch_matmul_inputs(model)):
+        quantize = producers.get(dequantize.input[0])
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            node.input[i] = quantize.input[0]
+            changed += 1
+    if changed:
+        onnx.save(model, str(path))
+        log.debug("%s: %d batch-matmul inputs back to float", path.name, changed)
+
+
+def _quantized_batch_matmul_inputs(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, int, onnx.NodeProto]]:
+    """(MatMul, input index, its DequantizeLinear producer) of every dequantized input of an activation x activation
+    MatMul (a batch-matmul: attention's QK^T and AV outside the wattn op), which the recipe keeps in float."""
+    constants = _constants(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         if node.op_type != "MatMul" or _is_weight(node.input[1], producers, constants):
             continue
         for i, name in enumerate(node.input):
-            dequantize = producers.get(name)
-            if dequantize is not None and dequantize.op_type == "DequantizeLinear":
-                quantize = producers.get(dequantize.input[0])
-                if quantize is not None and quantize.op_type == "QuantizeLinear":
-                    node.input[i] = quantize.input[0]
-                    changed += 1
-    if changed:
-        onnx.save(model, str(path))
-        log.debug("%s: %d batch-matmul inputs back to float", path.name, changed)
+            if name in producers and producers[name].op_type == "DequantizeLinear":
+                yield node, i, producers[name]
 
 
 @contextlib.contextmanager
@@ -157,10 +164,11 @@ def qdq_problems(model: onnx.ModelProto, expected_nodes: int, with_body: bool = 
         if node.op_type == "DequantizeLinear" and node.input[0] in constants \
                 and constants[node.input[0]].dtype == np.int32:
             problems.append(f"{node.name}: int32 DequantizeLinear (a quantized bias; TensorRT rejects it)")
-        if node.op_type == "MatMul" and not _is_weight(node.input[1], producers, constants):
-            quantized = [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
-            if quantized:
-                problems.append(f"{node.name}: an activation x activation MatMul has quantized inputs {quantized}")
+    batch_matmuls: dict[str, list[str]] = {}
+    for node, i, _ in _quantized_batch_matmul_inputs(model):
+        batch_matmuls.setdefault(node.name, []).append(node.input[i])
+    problems += [f"{name}: an activation x activation MatMul has quantized inputs {inputs}"
+                 for name, inputs in batch_matmuls.items()]
     attention = window_attention_nodes(model)
     if len(attention) != expected_nodes:
         problems.append(f"{len(attention)} wattn nodes, expected {expected_nodes}")
