@@ -31,3 +31,18 @@ def micro_artifacts(tmp_path_factory, micro):
     directory = tmp_path_factory.mktemp("artifacts") / "micro"
     return directory, export_artifacts(micro.config, lambda name: getattr(micro, name), directory,
                                        {"preset": "micro", "seed": 0}, fp16=True)
+
+
+@pytest.fixture
+def sigint_children():
+    """Children started in the test raise KeyboardInterrupt on SIGINT, even when the suite runs in the background.
+
+    A shell without job control starts background jobs with SIGINT ignored (POSIX: `make test &`, nohup) and an ignored
+    signal stays ignored across fork and exec, so a child would ignore the test's Ctrl-C and run to completion. A
+    handled signal is reset to the default at exec, where Python installs its KeyboardInterrupt handler: so the test
+    process handles it while the test runs."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -134,7 +134,7 @@ def test_verify_refuses_while_another_command_writes_the_artifact(tmp_path, micr
     assert not (copy / "verify.json").exists()
 
 
-def test_ctrl_c_during_an_export_exits_130_leaving_nothing(tmp_path):
+def test_ctrl_c_during_an_export_exits_130_leaving_nothing(tmp_path, sigint_children):
     import signal
     import time
 

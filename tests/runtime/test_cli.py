@@ -73,7 +73,7 @@ def test_render_refuses_an_out_dir_it_cannot_use(micro_artifacts, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_ctrl_c_exits_130_in_one_line_leaving_no_partial_file(micro_artifacts, tmp_path):
+def test_ctrl_c_exits_130_in_one_line_leaving_no_partial_file(micro_artifacts, tmp_path, sigint_children):
     directory, _ = micro_artifacts
     out = tmp_path / "videos"
     process = subprocess.Popen(_command("generate", "--artifacts", str(directory), "--prompt", "x", "--steps", "400",
