@@ -29,13 +29,13 @@ def caption_accuracy(model: nn.Module, loss: DenoiserLoss, samples: int, timeste
     captions that differ from it in that attribute only}, the v-loss summed over `timesteps` (0 <= t < T).
 
     Args:
-        model: a base denoiser (`walt_export.models.denoiser`), in eval mode; ValueError for a super-resolution one.
+        model: a base denoiser (`walt_export.models.denoiser`), in eval mode; TypeError for a super-resolution one.
         loss: the denoiser's training loss: its latents, class ids, text states and schedule.
         conditioning_frames: clean leading latent frames given to the model (0: text-to-video, 1: image-to-video);
             the loss counts the other frames.
     """
     if isinstance(loss.config, SuperResConfig):
-        raise ValueError("the probe reads a base denoiser: a super-resolution stage follows its low-resolution input")
+        raise TypeError("the probe reads a base denoiser: a super-resolution stage follows its low-resolution input")
     device = loss.latents.device
     g = step_generator(seed, 0, device)
     index = torch.randperm(len(loss.latents), generator=g, device=device)[:samples]
