@@ -209,9 +209,17 @@ def _probe(args, cfg: CascadeConfig, device: torch.device) -> None:
     given (`training.probe`)."""
     from training.probe import caption_accuracy
 
+    steps = cfg.diffusion.num_train_timesteps
+    if args.samples < 1 or not all(0 <= t < steps for t in args.timesteps):
+        raise SystemExit(f"--samples must be at least 1 and --timesteps in [0, {steps}): got --samples {args.samples} "
+                         f"--timesteps {' '.join(map(str, args.timesteps))}")
+    weights = args.weights or weights_path(args.out, "base")
+    if not weights.is_file():
+        raise SystemExit(f"no base weights at {weights}: train the base first (`python -m training base`) or pass "
+                         "--weights")
     loss = _denoiser_loss(args, cfg, device, "base")
-    model = walt_export.load(args.weights or weights_path(args.out, "base"), device=device).eval()
-    print(f"caption accuracy of {args.weights or weights_path(args.out, 'base')} on {args.samples} training clips, "
+    model = walt_export.load(weights, device=device).eval()
+    print(f"caption accuracy of {weights} on {args.samples} training clips, "
           f"t = {' '.join(map(str, args.timesteps))} (chance: colour 25%, shape 33%, direction 25%)")
     for frames, mode in ((0, "text-to-video"), (1, "first frame given")):
         accuracy = caption_accuracy(model, loss, args.samples, tuple(args.timesteps), frames, args.seed)

@@ -1,6 +1,7 @@
 """The reference cascade's training (`training/`) on the micro cascade: every stage runs and resumes exactly."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -117,3 +118,13 @@ def test_probe_prints_the_base_accuracy_per_attribute_and_mode(run, capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith(("text-to-video", "first frame given"))]
     assert len(rows) == 2 and all(word in row for row in rows for word in ("colour", "shape", "direction")), lines
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--samples", "0"], "--samples must be at least 1 and --timesteps in [0, 1000): got --samples 0"),
+    (["--timesteps", "500", "1000"], "--timesteps in [0, 1000): got --samples 32 --timesteps 500 1000"),
+    (["--weights", "/nonexistent/base.safetensors"], "no base weights at /nonexistent/base.safetensors"),
+])
+def test_probe_refuses_bad_arguments_before_loading_anything(args, says):
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        cli.main(["probe", "--preset", "micro", "--out", "/nonexistent", *args])
