@@ -56,6 +56,13 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
 
+def diffuse(x0: Tensor, noise: Tensor, alpha_bar: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, v): `x0` noised with `noise` to the cumulative signal level `alpha_bar` (broadcastable), and the
+    v-prediction target sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0 [Salimans & Ho 2022, "Progressive Distillation"]."""
+    return (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise,
+            alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0)
+
+
 class DenoiserLoss:
     """The v-prediction loss of one denoiser on the latent dataset (see the module docstring).
 
@@ -106,9 +113,7 @@ class DenoiserLoss:
         x0 = pool(z, self.factor)
         t = self.timesteps(g)
         a = self.alpha_bar[t].view(b, 1, 1, 1, 1)
-        noise = normal(x0)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        x_t, target = diffuse(x0, normal(x0), a)
 
         frames = x0.shape[2]
         probabilities = torch.tensor(FRAME_CONDITIONING, device=device)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from runtime.world import COLOURS, DIRECTIONS, SHAPES, scenes
 from training.data import pool
-from training.losses import DenoiserLoss, step_generator
+from training.losses import DenoiserLoss, diffuse, step_generator
 from walt_export.config import SuperResConfig
 
 ATTRIBUTES = {"colour": COLOURS, "shape": SHAPES, "direction": DIRECTIONS}
@@ -45,10 +45,8 @@ def caption_accuracy(model: nn.Module, loss: DenoiserLoss, samples: int, timeste
     frame_cond = x0 * frame_mask[:, None, :, None, None]
     noisy = []  # (t, x_t, target v) per timestep
     for t in timesteps:
-        a = loss.alpha_bar[t]
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        noisy.append((torch.full((n,), float(t), device=device), a.sqrt() * x0 + (1 - a).sqrt() * noise,
-                      a.sqrt() * noise - (1 - a).sqrt() * x0))
+        x_t, target = diffuse(x0, torch.randn(x0.shape, generator=g, device=device), loss.alpha_bar[t])
+        noisy.append((torch.full((n,), float(t), device=device), x_t, target))
     all_scenes = scenes()
     truth = [all_scenes[int(i)] for i in loss.class_ids[index]]
 
