@@ -11,8 +11,8 @@ The baseline the exported engines are measured against, and a check of the spec'
 The stages are the export specs' (`walt_export.export_specs`), called as exported, with their seeded sample inputs
 at the given batch (the tokenizer stages on a whole clip). Each component is built with seeded random weights
 (`build_component`: on the CPU, then moved; `--device meta` allocates nothing; timing does not depend on the
-values). FLOPs count 2 per multiply-add, per call, from
-torch.utils.flop_counter (the window-attention op registers its formula). Prints a table and writes JSON.
+values). FLOPs count 2 per multiply-add, per call, from the FLOP model (`walt_export.flops`, checked against
+torch.utils.flop_counter). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -27,21 +27,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from walt_export.cascade import build_component, count_parameters
 from walt_export.config import PRESETS
 from walt_export.export_specs import BATCH, ExportSpec, export_specs
+from walt_export.flops import stage_flops
 
 
-def measure(spec: ExportSpec, module, inputs, device: str, warmup: int, repeats: int) -> tuple[int, list[float]]:
+def measure(spec: ExportSpec, module, inputs, device: str, warmup: int, repeats: int) -> list[float]:
     def call():
         spec.call(module, *inputs)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    with FlopCounterMode(display=False) as counter:
-        call()
     for _ in range(warmup):
         call()
     times = []
@@ -49,7 +47,7 @@ def measure(spec: ExportSpec, module, inputs, device: str, warmup: int, repeats:
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return counter.get_total_flops(), times
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.stages or ()) - set(specs))
     if unknown:
         parser.error(f"unknown stages {unknown}; {args.preset} has: {', '.join(specs)}")
+    flops_of = stage_flops(cfg, batch={name: args.batch for name in specs})
     dtype = getattr(torch, args.dtype)
     timed = args.device != "meta"
     if args.device.startswith("cuda"):
@@ -86,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [x.to(args.device, dtype) if x.is_floating_point() else x.to(args.device)
                   for x in spec.sample_inputs(generator, **{BATCH: args.batch})]
         with torch.inference_mode():
-            flops, times = measure(spec, module, inputs, args.device, args.warmup * timed, args.repeats * timed)
+            times = measure(spec, module, inputs, args.device, args.warmup * timed, args.repeats * timed)
+        flops = flops_of[name]
         median = statistics.median(times) if times else None
         row = dict(stage=name, parameters=count_parameters(module), flops=flops, median_s=median,
                    min_s=min(times) if times else None, times_s=times,

@@ -1,0 +1,52 @@
+"""The FLOP model (walt_export/flops.py) against torch's FLOP counter, on the meta device, exactly."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from walt_export.cascade import build_component
+from walt_export.config import PRESETS
+from walt_export.export_specs import BATCH, LATENT_FRAMES, export_specs
+from walt_export.flops import GUIDED_BATCH, PEAKS, cascade_flops, stage_flops
+
+
+def counted(cfg, name: str, **dims: int) -> int:
+    """torch's count of one call of stage `name` at `dims`; on meta, attention decomposes into counted matmuls."""
+    spec = export_specs(cfg)[name]
+    module = spec.module_of(build_component(cfg, spec.component, 0, "meta"))
+    inputs = [x.to("meta") for x in spec.sample_inputs(torch.Generator().manual_seed(0), **dims)]
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        spec.call(module, *inputs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny", "t2v", "walt-l"])
+def test_every_stage_matches_torch_counter(preset):
+    cfg = PRESETS[preset]
+    model = stage_flops(cfg)
+    assert list(model) == list(export_specs(cfg))
+    for name, flops in model.items():
+        batch = GUIDED_BATCH if name in ("text_encoder", *cfg.denoisers()) else 1
+        assert flops == counted(cfg, name, **{BATCH: batch}), name
+
+
+def test_batch_and_latent_frames_are_counted():
+    cfg = PRESETS["micro"]
+    model = stage_flops(cfg, batch={"base": 3, "tokenizer_decoder_step": 2}, latent_frames=2)
+    assert model["base"] == counted(cfg, "base", **{BATCH: 3})
+    for name, batch in (("tokenizer_decoder_step", 2), ("tokenizer_decoder", 1), ("tokenizer_encoder", 1)):
+        assert model[name] == counted(cfg, name, **{BATCH: batch, LATENT_FRAMES: 2}), name
+
+
+def test_paper_cascade_cost():
+    cost = cascade_flops(PRESETS["t2v"], steps=50)
+    per_call = stage_flops(PRESETS["t2v"])
+    by_stage = {s.stage: s for s in cost.stages}
+    assert list(by_stage) == ["text_encoder", "base", "sr1", "sr2", "tokenizer_decoder"]
+    assert by_stage["base"].calls == 50 and by_stage["base"].flops == 50 * per_call["base"]
+    assert cost.flops == sum(s.flops for s in cost.stages)
+    # docs/model_spec.md §5: ~15 TFLOP per base forward at batch 1, the guided pair twice that
+    assert 25e12 < by_stage["base"].flops_per_call < 35e12
+    assert cost.seconds_at(PEAKS["H100/H200 SXM dense FP16/BF16"]) == pytest.approx(cost.flops / 989e12)
+    unguided = cascade_flops(PRESETS["t2v"], steps=50, guidance=False)
+    assert unguided.flops < cost.flops and {s.batch for s in unguided.stages} == {1}
