@@ -24,6 +24,7 @@ import copy
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,35 @@ Progress = Callable[[str, int, int], None]  # (denoiser, step done, steps)
 # Memory per value of the decoded video (3 x T x H x W): the float32 clips, their float32 concatenation and the uint8
 # frames; a length whose video needs more than the machine's memory is refused before anything runs.
 BYTES_PER_VIDEO_VALUE = 4 + 4 + 1
+
+
+@dataclass
+class StageTime:
+    """How often one stage's runner ran and the wall time inside its `infer`, in seconds (`Pipeline.timings`)."""
+
+    calls: int = 0
+    seconds: float = 0.0
+
+
+class _TimedRunner:
+    """A runner whose `infer` adds its calls and wall time to a StageTime."""
+
+    def __init__(self, runner: Runner, time_spent: StageTime):
+        self.runner, self.time_spent = runner, time_spent
+
+    def __enter__(self) -> _TimedRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runner.__exit__(*exc)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            return self.runner.infer(feeds)
+        finally:
+            self.time_spent.calls += 1
+            self.time_spent.seconds += time.perf_counter() - start
 
 
 class NumericalError(WaltExportError, FloatingPointError):
@@ -112,6 +142,9 @@ class Video:
 class Pipeline:
     """A cascade over one artifact directory; runners are opened on first use and kept until `close()`.
 
+    `timings` holds, per stage, its calls and the seconds spent inside its runner (`walt-export bench` reports the
+    time of `generate` outside them: the host's share).
+
     Thread-safe: `generate` calls from several threads run one at a time (docs/architecture.md §10).
     """
 
@@ -130,6 +163,7 @@ class Pipeline:
         self.scheduler = DDIMScheduler.from_schedule(manifest.schedule)
         self.denoisers = list(manifest.denoisers)  # names, in sampling order
         self._text_tokenizer = None
+        self.timings: dict[str, StageTime] = {}  # stage -> time inside its runner since opened; clear() to reset
         self._lock = threading.RLock()  # one generation at a time: runners and their buffers are shared
 
     @classmethod
@@ -167,10 +201,11 @@ class Pipeline:
 
     # --------------------------------------------------------------------------------------------- lifecycle
     def runner(self, name: str) -> Runner:
+        """The stage's runner, opened on first use; its calls count in `timings[name]`."""
         with self._lock:
             if name not in self._runners:
                 self._runners[name] = self._runner_for(name).__enter__()
-            return self._runners[name]
+            return _TimedRunner(self._runners[name], self.timings.setdefault(name, StageTime()))
 
     def close(self) -> None:
         """Close every runner (after a generation running in another thread has finished)."""

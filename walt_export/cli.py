@@ -7,6 +7,8 @@
     walt-export calibrate --artifacts DIR [--samples 4] [--method percentile]   INT8 Q/DQ files + quality report
     walt-export engines --artifacts DIR [--precision fp16] [--attention fallback]   TensorRT engines + registry
     walt-export score --artifacts DIR [--backend onnxruntime] [--prompts 8] [--json OUT]   prompt adherence (world)
+    walt-export bench --artifacts DIR [--backends torch,onnxruntime] [--repeats 5] [--json OUT]   speed, side by side
+    walt-export bench --paper [--preset t2v] [--steps 50]   FLOPs per clip and the lower bound at H100/H200 peaks
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from runtime.errors import UsageError
 from runtime.manifest import Precision
 from runtime.request import Count, Gigabytes, Seed, Steps, Threads, parse_as
 from runtime.score import MODES, Backend
+from walt_export.bench import BENCH_BACKENDS, DEFAULT_BACKENDS
 from walt_export.config import PRESETS
 
 DEFAULT_PRESET = "tiny"
@@ -124,9 +127,64 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--json", help="also write the report (every decision) to this .json file")
     score.add_argument("--threads", type=parse_as(Threads), default=0,
                        help="CPU threads per model, >= 0 (default 0: onnxruntime or PyTorch decides)")
+    bench = sub.add_parser("bench", help="latency of every stage on every backend side by side, with FLOPs, a "
+                                         "matmul peak measured in the same run, and generate end to end",
+                           description="Measures an artifact (walt_export/bench.py says how), or with --paper reports "
+                                       "the FLOP model's cost of one clip of a preset and its lower bound in seconds.")
+    target = bench.add_mutually_exclusive_group(required=True)
+    target.add_argument("--artifacts", type=Path, help="an artifact directory written by `walt-export onnx`")
+    target.add_argument("--paper", action="store_true",
+                        help="no measurement: the FLOPs of one clip of --preset (CFG, --steps per denoiser) and the "
+                             "seconds it takes at least at H100/H200 dense peaks")
+    bench.add_argument("--preset", choices=list(PRESETS), default="t2v", help="with --paper (default t2v)")
+    bench.add_argument("--backends", type=_backend_list, default=None,
+                       help=f"comma-separated, of {','.join(BENCH_BACKENDS)} (default "
+                            f"{','.join(DEFAULT_BACKENDS)}: tensorrt needs a GPU and `walt-export engines`)")
+    bench.add_argument("--stages", nargs="+", help="stages to time (default: every stage of the artifact)")
+    bench.add_argument("--repeats", type=parse_as(Count), default=5, help="counted calls per stage and backend (5)")
+    bench.add_argument("--warmup", type=parse_as(Count), default=2, help="uncounted calls first, >= 1 (default 2)")
+    bench.add_argument("--generate-repeats", type=parse_as(Threads), default=1,
+                       help="generate runs per backend end to end, >= 0 (default 1; 0: skip)")
+    bench.add_argument("--steps", type=parse_as(Steps),
+                       help="DDIM steps of every denoiser end to end (default: the artifact's; with --paper 50)")
+    bench.add_argument("--threads", type=parse_as(Threads), default=0,
+                       help="CPU threads of onnxruntime and PyTorch, >= 0 (default 0: each decides)")
+    bench.add_argument("--json", help="also write the report to this .json file")
     for command in sub.choices.values():  # -v after the command too
         command.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
     return parser
+
+
+def _backend_list(value: str) -> tuple[str, ...]:
+    backends = tuple(b.strip() for b in value.split(",") if b.strip())
+    unknown = [b for b in backends if b not in BENCH_BACKENDS]
+    if unknown or not backends:
+        raise argparse.ArgumentTypeError(f"unknown backends {', '.join(unknown) or '(none given)'}; choose from "
+                                         f"{','.join(BENCH_BACKENDS)}")
+    return backends
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from runtime.files import atomic_output, check_output
+    from walt_export.bench import BenchOptions, bench, format_paper, format_report, paper_report
+
+    if args.json:
+        check_output(args.json, "--json", "file", suffix=".json")
+    if args.paper:
+        report = paper_report(PRESETS[args.preset], args.steps or 50)
+        print(format_paper(report))
+    else:
+        options = BenchOptions(artifacts=args.artifacts, backends=args.backends or DEFAULT_BACKENDS,
+                               stages=tuple(args.stages) if args.stages else None, repeats=args.repeats,
+                               warmup=args.warmup, generate_repeats=args.generate_repeats, steps=args.steps,
+                               threads=args.threads)
+        report = bench(options, progress=print)
+        print(format_report(report))
+    if args.json:
+        with atomic_output(args.json) as path:
+            path.write_text(report.model_dump_json(indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _engines(args: argparse.Namespace) -> int:
@@ -296,4 +354,6 @@ def _run(args: argparse.Namespace) -> int:
         return _engines(args)
     elif args.command == "score":
         return _score(args)
+    elif args.command == "bench":
+        return _bench(args)
     return 0
