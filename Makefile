@@ -15,13 +15,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# On a CUDA machine whose python already has torch with CUDA and Triton: `make gpu-check PY=python3`. The CUDA tests,
-# the Triton kernel on the GPU, and the kernel against scaled_dot_product_attention at the t2v shapes (table + JSON).
+# On a CUDA machine whose python already has torch with CUDA and Triton: `make gpu-check PY=python3` (a few minutes on
+# an H100/H200). The Triton window kernel against scaled_dot_product_attention at the t2v shapes, one FP16 forward of
+# the full-size t2v denoisers (eager, Triton op, torch.compile), and the CUDA tests: tables, and gpu_check.json.
 gpu-check:
-	$(PY) -m pytest -q -p no:cacheprovider -m gpu tests/walt_export/test_cuda.py tests/runtime/test_tensorrt_runner.py
-	$(PY) -m pytest -q -p no:cacheprovider tests/walt_export/test_window_attention_kernel.py \
-		tests/walt_export/test_window_attention.py
-	$(PY) -m benchmarks.window_attention_gpu --out window_attention_gpu.json
+	$(PY) -m benchmarks.gpu_check --out gpu_check.json
 
 # torch first, pinned: pip then takes the local CPU wheel instead of a multi-GB CUDA build
 $(VENV)/.installed: pyproject.toml

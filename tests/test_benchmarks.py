@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from benchmarks import reference_forward
 
 
@@ -30,3 +33,11 @@ def test_onnx_export_benchmark_records_time_and_memory_per_model(tmp_path, capsy
     assert all(row["export_s"] > 0 and row["component_peak_rss_gb"] > 0.1 for row in result["rows"])
     assert result["peak_rss_gb"] >= max(row["component_peak_rss_gb"] for row in result["rows"])
     assert "peak resident memory" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a CUDA GPU")
+def test_gpu_check_says_it_needs_a_gpu(tmp_path, capsys):
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path / "gpu.json")]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "gpu.json").exists()
