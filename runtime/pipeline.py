@@ -34,7 +34,7 @@ import numpy as np
 from runtime.errors import RequestError, WaltExportError
 from runtime.manifest import DenoiserInfo, Manifest, Precision, check_file, read_manifest
 from runtime.request import Request
-from runtime.runners import DEFAULT_PRECISION, Runner, check_device, make_runner
+from runtime.runners import DEFAULT_PRECISION, Runner, check_device, make_runner, wants_memory_arena
 from runtime.scheduler import DDIMScheduler, classifier_free_guidance
 from runtime.video import to_frames, to_video
 
@@ -195,7 +195,7 @@ class Pipeline:
                      for name, stage in manifest.stages.items()}
 
         def runner_for(name: str) -> Runner:
-            return make_runner(backend, files[name], device, threads)
+            return make_runner(backend, files[name], device, threads, wants_memory_arena(manifest.stages[name]))
 
         return cls(manifest, runner_for, directory, backend, precision)
 

@@ -17,13 +17,14 @@ How it measures (these machines are noisy: only ratios measured side by side mea
   high-water mark reset through /proc/self/clear_refs before the call), and how far it rose above the RSS before
   it (that call's own working memory). Where the reset is not allowed, None.
 - End to end: `generate` of one prompt (same seed and steps) through `Pipeline.from_artifacts` (onnxruntime FP32)
-  and through `torch_pipeline` (the PyTorch modules), interleaved; the time outside the runners' `infer`
+  and through `torch_pipeline` (the PyTorch modules), interleaved, after one uncounted generation of one step each
+  (which opens every runner and makes its first calls); the time outside the runners' `infer`
   (`Pipeline.timings`) is the host's share (scheduler, guidance, tokenizer, copies).
 
 Backends: torch (eager, the modules the artifact was exported from), torch-compile (`torch.compile`, inductor; its
-compilation runs in the warm-up), onnxruntime (the FP32 files, as the runtime opens them), onnxruntime-fp16 and
-onnxruntime-int8 (the FP16 and INT8 Q/DQ files, on onnxruntime's CPU EP), tensorrt (the plans of
-`walt-export engines`, on a CUDA GPU). A backend or stage that cannot run here is listed in `skipped` with the
+compilation runs in the warm-up), onnxruntime (the FP32 files, opened as the runtime opens them:
+`wants_memory_arena`), onnxruntime-fp16 and onnxruntime-int8 (the FP16 and INT8 Q/DQ files, on onnxruntime's CPU
+EP), tensorrt (the plans of `walt-export engines`, on a CUDA GPU). A backend or stage that cannot run here is listed in `skipped` with the
 reason, never silently left out.
 """
 
@@ -45,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.errors import UsageError, WaltExportError
 from runtime.manifest import ArtifactError, Manifest, Precision, check_file, read_manifest
-from runtime.runners import Runner, make_runner
+from runtime.runners import Runner, make_runner, wants_memory_arena
 from walt_export.config import CascadeConfig
 from walt_export.flops import GUIDED_BATCH, PEAKS, CascadeCost, cascade_flops, stage_flops
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 BenchBackend = Literal["torch", "torch-compile", "onnxruntime", "onnxruntime-fp16", "onnxruntime-int8", "tensorrt"]
 BENCH_BACKENDS: tuple[str, ...] = get_args(BenchBackend)
-DEFAULT_BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-fp16", "onnxruntime-int8")
+DEFAULT_BACKENDS = BENCH_BACKENDS  # tensorrt too: where it cannot run, the report says why
 _ONNXRUNTIME_PRECISION: dict[str, Precision] = {"onnxruntime": "fp32", "onnxruntime-fp16": "fp16",
                                                 "onnxruntime-int8": "int8"}
 MATMUL_SIZE = 2048  # the peak's square float32 matmul
@@ -104,7 +105,7 @@ class StageResult(_Schema):
     stage: str
     backend: BenchBackend
     batch: int
-    file: str | None  # the model file run (onnxruntime, tensorrt), else None
+    file: str | None  # the model file run, as the manifest names it ('int8/base.onnx'), or the plan; torch: None
     latency: Latency
     flops: int
     gflops_per_s: float
@@ -153,7 +154,9 @@ class BenchReport(_Schema):
 
 
 # ------------------------------------------------------------------------------------------------------ memory
-def _rss_kib(field: str) -> int | None:
+def rss_kib(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status in KiB ('VmRSS' resident, 'VmHWM' its peak), or
+    None where there is no /proc (not Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -176,12 +179,12 @@ def _reset_peak_rss() -> bool:
 
 def _measure_memory(call: Callable[[], object]) -> tuple[float | None, float | None]:
     """(peak RSS during `call()`, its rise over the RSS before) in GiB, or (None, None) where unmeasurable."""
-    before = _rss_kib("VmRSS")
+    before = rss_kib("VmRSS")
     if before is None or not _reset_peak_rss():
         call()
         return None, None
     call()
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     return peak / 2**20, max(peak - before, 0) / 2**20
 
 
@@ -253,17 +256,21 @@ def _open_targets(options: BenchOptions, manifest: Manifest, stages: list[str], 
                 runner, file = make_runner("tensorrt", plans[name]), plans[name].name
             else:
                 precision = _ONNXRUNTIME_PRECISION[backend]
-                if stage.precision.resolve(precision) != precision:
-                    skipped.append(Skipped(backend=backend, stage=name, reason=f"runs {stage.precision.resolve(precision)} "
-                                           f"by its precision policy: {stage.precision.reason}"))
+                runs = stage.precision.resolve(precision)
+                if runs != precision:
+                    skipped.append(Skipped(backend=backend, stage=name,
+                                           reason=f"runs {runs} by its precision policy: {stage.precision.reason}"))
                     continue
-                path = check_file(options.artifacts, stage.file(precision))
-                runner, file = make_runner("onnxruntime", path, "cpu", options.threads), path.name
+                entry = stage.file(precision)
+                path = check_file(options.artifacts, entry)
+                runner = make_runner("onnxruntime", path, "cpu", options.threads, wants_memory_arena(stage))
+                file = entry.file
             targets.append(_Target(name, backend, stack.enter_context(runner), file))
     return targets, skipped
 
 
-def _feeds(cfg: CascadeConfig, stages: list[str], seed: int) -> dict[str, dict[str, np.ndarray]]:
+def sample_feeds(cfg: CascadeConfig, stages: list[str], seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per stage, its export spec's seeded sample inputs at the batch `generate` uses, as numpy arrays by input name."""
     import torch
 
     from walt_export.export_specs import BATCH, export_specs
@@ -308,7 +315,7 @@ def bench(options: BenchOptions, progress: Callable[[str], None] | None = None) 
     if options.threads:
         torch.set_num_threads(options.threads)
     flops = stage_flops(cfg)
-    feeds = _feeds(cfg, stages, options.seed)
+    feeds = sample_feeds(cfg, stages, options.seed)
     say = progress or (lambda message: log.info("%s", message))
     matmuls: list[float] = []
     with ExitStack() as stack:
@@ -369,8 +376,8 @@ def _generate(options: BenchOptions, manifest: Manifest, say: Callable[[str], No
     peaks: dict[str, float | None] = {}
     calls = {}
     with ExitStack() as stack:
-        for pipeline in pipelines.values():
-            stack.enter_context(pipeline)
+        for pipeline in pipelines.values():  # open every runner and make its first calls, uncounted
+            stack.enter_context(pipeline).generate(**request, seed=options.seed, steps=1)
         for repeat in range(options.generate_repeats):
             order = list(pipelines) if repeat % 2 == 0 else list(pipelines)[::-1]
             for name in order:

@@ -138,8 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                              "seconds it takes at least at H100/H200 dense peaks")
     bench.add_argument("--preset", choices=list(PRESETS), default="t2v", help="with --paper (default t2v)")
     bench.add_argument("--backends", type=_backend_list, default=None,
-                       help=f"comma-separated, of {','.join(BENCH_BACKENDS)} (default "
-                            f"{','.join(DEFAULT_BACKENDS)}: tensorrt needs a GPU and `walt-export engines`)")
+                       help=f"comma-separated, of {','.join(BENCH_BACKENDS)} (default: all; tensorrt needs a GPU "
+                            "and `walt-export engines`: a backend that cannot run is listed as skipped, with why)")
     bench.add_argument("--stages", nargs="+", help="stages to time (default: every stage of the artifact)")
     bench.add_argument("--repeats", type=parse_as(Count), default=5, help="counted calls per stage and backend (5)")
     bench.add_argument("--warmup", type=parse_as(Count), default=2, help="uncounted calls first, >= 1 (default 2)")

@@ -256,16 +256,18 @@ def test_tensorrt_rtx_builds_the_int8_engines(calibrated):
     assert {"QUANTIZE", "DEQUANTIZE", "MATRIX_MULTIPLY", "SOFTMAX"} <= kinds, kinds
 
 
-def test_int8_speed_benchmark_writes_a_table_and_json(calibrated, tmp_path, capsys):
-    from benchmarks import onnxruntime_int8
+def test_bench_times_int8_beside_fp32(calibrated, tmp_path, capsys):
+    from walt_export.cli import main as walt_export
 
     directory, _ = calibrated
     out = tmp_path / "speed.json"
-    assert onnxruntime_int8.main(["--artifacts", str(directory), "--stages", "sr1", "--repeats", "1",
-                                  "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["stage"] == "sr1" and row["median_s"]["int8"] > 0 and row["fp32_over_int8"] > 0
-    assert "fp32/int8" in capsys.readouterr().out
+    assert walt_export(["bench", "--artifacts", str(directory), "--backends", "onnxruntime,onnxruntime-int8",
+                        "--stages", "sr1", "--repeats", "1", "--warmup", "1", "--generate-repeats", "0",
+                        "--json", str(out)]) == 0
+    rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"onnxruntime", "onnxruntime-int8"} and rows["onnxruntime-int8"]["file"] == "int8/sr1.onnx"
+    assert rows["onnxruntime-int8"]["latency"]["median_ms"] > 0
+    assert "onnxruntime-int8" in capsys.readouterr().out
 
 
 def test_a_tensor_that_also_feeds_a_batch_matmul_stays_float_there(tmp_path):
