@@ -2,8 +2,8 @@
 
 1. Capture (seeded): the FP32 cascade runs `samples` calibration requests and `held_out` others; each stage's
    feeds are recorded (`capture`), the tokenizer encoder gets real video.
-2. Quantize each stage's canonical FP32 model (`quantize`); check the Q/DQ structure; write the plugin and
-   fallback variants of the quantized canonical beside it.
+2. Quantize each stage's canonical FP32 model (`quantize`); check the Q/DQ structure; write the plugin,
+   fallback and attention variants of the quantized canonical beside it.
 3. Measure on the held-out data only: per stage INT8 vs FP32 on the same feeds, and end to end the INT8 cascade's
    video against the FP32 video of the same seed (`report`).
 4. Write `DIR/int8/` (models, onnxruntime's calibration caches = the activation ranges, `report.json`) as a whole,

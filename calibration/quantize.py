@@ -6,8 +6,8 @@ way), Q/DQ on their inputs only (not their outputs, which may feed a batch-matmu
 quantized MatMul and a batch-matmul gets the float tensor back at the batch-matmul, `_unquantize_batch_matmuls`),
 weights per-channel symmetric int8, activations per-tensor symmetric int8 (every zero point 0), biases left in
 float (`QuantizeBias=False`: TensorRT rejects an int32 DequantizeLinear). The canonical model is quantized: its
-`wattn` nodes are not quantizable ops and their function bodies are kept, so the plugin and fallback variants derive
-from the quantized canonical as for FP32.
+`wattn` nodes are not quantizable ops and their function bodies are kept, so the plugin, fallback and attention
+variants derive from the quantized canonical as for FP32.
 
 Histogram methods (entropy, percentile) see one calibration sample at a time (their histograms are merged), so
 memory stays at one sample's activations; the tokenizer stages, whose activations are video-sized, always use

@@ -31,8 +31,12 @@ from runtime.manifest import ArtifactError, Precision, RelativePath, artifact_pa
 TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")  # in order of preference
 ENGINES = "engines"  # the artifact's subdirectory of per-target engine directories
 ENGINE_PRECISIONS = ("fp16", "int8")  # what `walt-export engines --precision` builds
-Attention = Literal["fallback", "plugin"]  # which denoiser variant is compiled: inlined body, or the wattn plugin
-ATTENTION: tuple[Attention, ...] = get_args(Attention)  # the choices of `walt-export engines --attention`
+Attention = Literal["attention", "fallback", "plugin"]  # the denoiser variant a plan is compiled from (manifest)
+AttentionChoice = Literal["auto", "attention", "fallback", "plugin"]  # `walt-export engines --attention`
+ATTENTION: tuple[str, ...] = get_args(AttentionChoice)
+# The first versions whose ONNX parser maps the standard `Attention` operator (opset 23) to the fused attention layer:
+# TensorRT 10.14 (its release notes; ../shared/notes/attention-and-scaleout.md), TensorRT-RTX 1.7 (the one run here).
+ATTENTION_PARSERS = {"tensorrt": (10, 14), "tensorrt_rtx": (1, 7)}
 BUILD_JSON = "build.json"
 REGISTRY_FORMAT = "walt-export-engines"
 REGISTRY_VERSION = 1
@@ -119,6 +123,21 @@ def check_engine_precision(precision: str) -> None:
     if precision not in ENGINE_PRECISIONS:
         raise UsageError(f"TensorRT plans are built for {' or '.join(ENGINE_PRECISIONS)} (`walt-export engines "
                          f"--precision`), not {precision!r}")
+
+
+def resolve_attention(choice: str, trt: ModuleType, precision: Precision) -> Attention:
+    """The variant a denoiser's plan of `precision` is built from; `choice` other than 'auto' is taken as given.
+
+    auto: 'attention' (one `Attention` node per window attention: TensorRT's fused attention layer) for FP16 plans
+    where the parser supports it (ATTENTION_PARSERS), else 'fallback' (the inlined MatMul/Softmax body, e.g. JetPack
+    6's TensorRT 10.3). FP32 and INT8 plans take the fallback: the fused layer is not decomposable by default, and
+    TensorRT-RTX 1.7 has no dedicated FP32 kernel for these windows, so the build fails (measured on `micro`);
+    INT8 with `Attention` is untested. The wattn plugin only when asked ('plugin')."""
+    if choice != "auto":
+        return choice  # type: ignore[return-value]
+    first = ATTENTION_PARSERS.get(trt.__name__)
+    version = tuple(int(part) for part in re.findall(r"\d+", trt.__version__)[:2])
+    return "attention" if precision == "fp16" and first is not None and version >= first else "fallback"
 
 
 @functools.cache  # one nvidia-smi run per process, not one per stage

@@ -30,7 +30,7 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 Precision = Literal["fp32", "fp16", "int8"]
-Variant = Literal["canonical", "plugin", "fallback"]
+Variant = Literal["canonical", "plugin", "fallback", "attention"]
 _DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_]\w*)(?:\s*([+-])\s*(\d+))?$")  # 'name', '4*name', '4*name - 3'
 
 
@@ -71,7 +71,8 @@ class ModelFile(_Schema):
     file: RelativePath  # relative to the artifact directory
     sha256: str
     precision: Precision  # of the weights and the compute; inputs and outputs keep the stage's dtypes
-    variant: Variant  # canonical: wattn nodes + function body; plugin: no body (TensorRT plugin); fallback: inlined
+    variant: Variant  # canonical: wattn nodes + function body; plugin: no body (TensorRT plugin); fallback: inlined;
+    # attention: inlined with the ONNX Attention operator (opset 23)
     external_data: tuple[DataFile, ...] = ()
     window_attention_nodes: int = 0
 

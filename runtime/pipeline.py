@@ -34,7 +34,14 @@ import numpy as np
 from runtime.errors import RequestError, WaltExportError
 from runtime.manifest import DenoiserInfo, Manifest, Precision, check_file, read_manifest
 from runtime.request import Request
-from runtime.runners import DEFAULT_PRECISION, Runner, check_device, make_runner, wants_memory_arena
+from runtime.runners import (
+    DEFAULT_PRECISION,
+    Runner,
+    check_device,
+    make_runner,
+    onnxruntime_file,
+    wants_memory_arena,
+)
 from runtime.scheduler import DDIMScheduler, classifier_free_guidance
 from runtime.video import to_frames, to_video
 
@@ -191,7 +198,8 @@ class Pipeline:
         else:
             check_device(device)
             manifest.require_files(precision, directory)
-            files = {name: check_file(directory, stage.file(stage.precision.resolve(precision)))
+            files = {name: check_file(directory, onnxruntime_file(stage, stage.precision.resolve(precision),
+                                                                  device))
                      for name, stage in manifest.stages.items()}
 
         def runner_for(name: str) -> Runner:

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from runtime.errors import UsageError, import_optional
-from runtime.manifest import StageInfo
+from runtime.manifest import ModelFile, Precision, StageInfo
 
 
 class Runner(Protocol):
@@ -125,6 +125,15 @@ def _register_shared_arena(ort) -> None:
             cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
             ort.create_and_register_allocator(cpu, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
             _arena_registered = True
+
+
+def onnxruntime_file(stage: StageInfo, precision: Precision, device: str = "cpu") -> ModelFile:
+    """The file onnxruntime runs for a stage at `precision` (the one its policy resolved) on `device`: the attention
+    variant where the stage has one, on the CPU and CUDA EPs (each window attention one `Attention` kernel;
+    BENCHMARKS.md has the speed-up), else the canonical file (stages without window attention, artifacts exported
+    before the variant existed, and onnxruntime's TensorRT EP, whose TensorRT may not build `Attention` in FP32)."""
+    has_attention = any(f.variant == "attention" and f.precision == precision for f in stage.files)
+    return stage.file(precision, "attention" if has_attention and device != "tensorrt" else "canonical")
 
 
 def wants_memory_arena(stage: StageInfo) -> bool:

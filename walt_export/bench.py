@@ -22,10 +22,10 @@ How it measures (these machines are noisy: only ratios measured side by side mea
   (`Pipeline.timings`) is the host's share (scheduler, guidance, tokenizer, copies).
 
 Backends: torch (eager, the modules the artifact was exported from), torch-compile (`torch.compile`, inductor; its
-compilation runs in the warm-up), onnxruntime (the FP32 files, opened as the runtime opens them:
-`wants_memory_arena`), onnxruntime-fp16 and onnxruntime-int8 (the FP16 and INT8 Q/DQ files, on onnxruntime's CPU
-EP), tensorrt (the plans of `walt-export engines`, on a CUDA GPU). A backend or stage that cannot run here is listed in `skipped` with the
-reason, never silently left out.
+compilation runs in the warm-up), onnxruntime, onnxruntime-fp16 and onnxruntime-int8 (the FP32, FP16 and INT8 Q/DQ
+files the runtime runs on onnxruntime's CPU EP, opened as it opens them: `onnxruntime_file`, `wants_memory_arena`),
+tensorrt (the plans of `walt-export engines`, on a CUDA GPU). A backend or stage that cannot run here is listed in
+`skipped` with the reason, never silently left out.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.errors import UsageError, WaltExportError
 from runtime.manifest import ArtifactError, Manifest, Precision, check_file, read_manifest
-from runtime.runners import Runner, make_runner, wants_memory_arena
+from runtime.runners import Runner, make_runner, onnxruntime_file, wants_memory_arena
 from walt_export.config import CascadeConfig
 from walt_export.flops import GUIDED_BATCH, PEAKS, CascadeCost, cascade_flops, stage_flops
 
@@ -261,7 +261,7 @@ def _open_targets(options: BenchOptions, manifest: Manifest, stages: list[str], 
                     skipped.append(Skipped(backend=backend, stage=name,
                                            reason=f"runs {runs} by its precision policy: {stage.precision.reason}"))
                     continue
-                entry = stage.file(precision)
+                entry = onnxruntime_file(stage, precision)
                 path = check_file(options.artifacts, entry)
                 runner = make_runner("onnxruntime", path, "cpu", options.threads, wants_memory_arena(stage))
                 file = entry.file

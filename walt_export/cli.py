@@ -5,7 +5,7 @@
     walt-export onnx --preset NAME --out DIR [--checkpoint PATH] [--fp16]   export every model to an artifact
     walt-export verify --artifacts DIR [--checkpoint PATH]   onnxruntime vs PyTorch for every model and variant
     walt-export calibrate --artifacts DIR [--samples 4] [--method percentile]   INT8 Q/DQ files + quality report
-    walt-export engines --artifacts DIR [--precision fp16] [--attention fallback]   TensorRT engines + registry
+    walt-export engines --artifacts DIR [--precision fp16] [--attention auto]   TensorRT engines + registry
     walt-export score --artifacts DIR [--backend onnxruntime] [--prompts 8] [--json OUT]   prompt adherence (world)
     walt-export bench --artifacts DIR [--backends torch,onnxruntime] [--repeats 5] [--json OUT]   speed, side by side
     walt-export bench --paper [--preset t2v] [--steps 50]   FLOPs per clip and the lower bound at H100/H200 peaks
@@ -95,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="default fp16 (FP16 ONNX files are derived from the FP32 ones when the artifact has "
                               "none); int8 needs `walt-export calibrate` first; the text encoder's plan is FP32 for "
                               "both")
-    engines.add_argument("--attention", choices=ATTENTION, default="fallback",
-                         help="denoisers: the inlined attention (default) or the wattn plugin")
+    engines.add_argument("--attention", choices=ATTENTION, default="auto",
+                         help="denoisers: auto (default: the standard ONNX Attention variant for FP16 plans where the "
+                              "parser maps it, TensorRT >= 10.14 or TensorRT-RTX >= 1.7, else fallback), attention, "
+                              "fallback (the inlined MatMul/Softmax body) or plugin (the wattn plugin)")
     engines.add_argument("--workspace-gb", type=parse_as(Gigabytes),
                          help="TensorRT workspace limit in GiB, > 0 (default: TensorRT's; Jetson: keep it small)")
     engines.add_argument("--timing-cache",

@@ -50,6 +50,7 @@ from runtime.engine_registry import (
     import_tensorrt,
     plan_name,
     read_registry,
+    resolve_attention,
     write_registry,
 )
 from runtime.errors import UsageError, WaltExportError, describe_validation, import_optional
@@ -182,24 +183,27 @@ class EngineDecision:
         return self.reason is not None
 
 
-def source_file(stage: StageInfo, requested: Precision, attention: Attention,
-                weakly_typed: bool) -> tuple[Precision, ModelFile, bool]:
-    """(the plan's precision, the ONNX file it is built from, whether the FP16 builder flag is needed).
+def source_file(stage: StageInfo, requested: Precision, attention: str, trt: ModuleType,
+                weakly_typed: bool) -> tuple[Precision, ModelFile, bool, Attention | None]:
+    """(the plan's precision, the ONNX file it is built from, whether the FP16 builder flag is needed, the attention
+    variant of a denoiser or None).
 
-    The plan's precision is the stage's policy applied to `requested`. INT8 plans are built from the Q/DQ files
-    of `walt-export calibrate`, on TensorRT 10.x (`weakly_typed`) with the FP16 flag too; FP16 plans on TensorRT
-    10.x from the FP32 files with the FP16 flag; everything else from the file of the plan's precision.
+    The plan's precision is the stage's policy applied to `requested`; `attention` (a choice of `--attention`) is
+    resolved for it by `resolve_attention`. INT8 plans are built from the Q/DQ files of `walt-export calibrate`, on
+    TensorRT 10.x (`weakly_typed`) with the FP16 flag too; FP16 plans on TensorRT 10.x from the FP32 files with the
+    FP16 flag; everything else from the file of the plan's precision.
     """
     precision = stage.precision.resolve(requested)
-    variant = attention if stage.has_window_attention else "canonical"
+    resolved = resolve_attention(attention, trt, precision) if stage.has_window_attention else None
+    variant = resolved or "canonical"
     if precision == "int8":
-        return precision, stage.file("int8", variant), weakly_typed
+        return precision, stage.file("int8", variant), weakly_typed, resolved
     if precision == "fp16" and weakly_typed:
-        return precision, stage.file("fp32", variant), True
-    return precision, stage.file(precision, variant), False
+        return precision, stage.file("fp32", variant), True, resolved
+    return precision, stage.file(precision, variant), False, resolved
 
 
-def build_engines(directory: str | Path, precision: Precision = "fp16", attention: Attention = "fallback",
+def build_engines(directory: str | Path, precision: Precision = "fp16", attention: str = "auto",
                   workspace_gb: float | None = None, timing_cache: str | Path | None = None,
                   trt: ModuleType | None = None) -> tuple[Path, list[EngineDecision]]:
     """Build (or reuse) one engine per stage; returns the engine directory and one decision per stage.
@@ -241,10 +245,10 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
         registry = read_registry(out)
         decisions = []
         for name, stage in manifest.stages.items():
-            plan_precision, model, fp16_flag = source_file(stage, precision, attention, weakly_typed)
+            plan_precision, model, fp16_flag, variant = source_file(stage, precision, attention, trt, weakly_typed)
             check_file(directory, model)
             wanted = EngineKey(stage=name, precision=plan_precision, source_file=model.file,
-                               source_sha256=model.sha256, attention=attention if stage.has_window_attention else None,
+                               source_sha256=model.sha256, attention=variant,
                                profile=stage.profile,
                                plugin_version=PLUGIN_VERSION if stage.has_window_attention else None, target=target)
             plan = out / plan_name(name, plan_precision)

@@ -2,8 +2,8 @@
 
 First every file the manifest lists is hashed (`Manifest.check_files`: all variants, precisions, external data and
 tokenizer files), so a deleted or modified file fails even where onnxruntime cannot run it (the plugin variant).
-For each stage, each file onnxruntime can run (canonical and fallback, FP32 and FP16; the plugin variant needs
-TensorRT's plugin; INT8 files have no tolerance here, `walt-export calibrate`'s quality gates judge them) and each
+For each stage, each file onnxruntime can run (canonical, fallback and attention, FP32 and FP16; the plugin variant
+needs TensorRT's plugin; INT8 files have no tolerance here, `walt-export calibrate`'s quality gates judge them) and each
 batch size: the reference runs in float32 PyTorch, the file in onnxruntime (CPU), and every output is compared
 against the tolerance of the file's precision. The table and `verify.json` record the max abs and max rel
 (max |diff| / max |reference|) error per output.
@@ -50,7 +50,7 @@ TOLERANCES: dict[str, OutputTolerance] = {
     "fp16": OutputTolerance(atol=0.0, rtol=1e-2, of_scale=1e-2),
 }
 VERIFY_JSON = "verify.json"
-RUNNABLE_VARIANTS = ("canonical", "fallback")  # the plugin variant has no body: only TensorRT with the plugin
+RUNNABLE_VARIANTS = ("canonical", "fallback", "attention")  # the plugin variant has no body: TensorRT only
 
 
 @dataclass

@@ -114,11 +114,11 @@ def test_qdq_structure_of_every_int8_file(calibrated):
             assert len(wattn) == f.window_attention_nodes
             bodies = [fn for fn in model.functions if fn.domain == "wattn"]
             assert bool(bodies) == (f.variant == "canonical" and bool(wattn)), f.file
-            if f.variant == "fallback":
-                assert stage.file("fp32", "fallback").window_attention_nodes == 0 and not wattn
+            if f.variant in ("fallback", "attention"):
+                assert stage.file("fp32", f.variant).window_attention_nodes == 0 and not wattn
             assert qdq_problems(model, f.window_attention_nodes, f.variant == "canonical") == [], f.file
             checked += 1
-    assert checked == 3 * 3 + 3  # three denoisers x three variants, three tokenizer models
+    assert checked == 3 * 4 + 3  # three denoisers x four variants, three tokenizer models
 
 
 def test_qdq_problems_names_what_tensorrt_would_reject(calibrated):
@@ -265,7 +265,8 @@ def test_bench_times_int8_beside_fp32(calibrated, tmp_path, capsys):
                         "--stages", "sr1", "--repeats", "1", "--warmup", "1", "--generate-repeats", "0",
                         "--json", str(out)]) == 0
     rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"onnxruntime", "onnxruntime-int8"} and rows["onnxruntime-int8"]["file"] == "int8/sr1.onnx"
+    assert set(rows) == {"onnxruntime", "onnxruntime-int8"}
+    assert rows["onnxruntime-int8"]["file"] == "int8/sr1.attention.onnx"  # what the runtime runs
     assert rows["onnxruntime-int8"]["latency"]["median_ms"] > 0
     assert "onnxruntime-int8" in capsys.readouterr().out
 

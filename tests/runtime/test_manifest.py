@@ -287,3 +287,21 @@ def test_find_plan_refuses_a_stage_name_that_leaves_the_engine_directory(tmp_pat
     (tmp_path / ENGINES / target.directory_name).mkdir(parents=True)
     with pytest.raises(ArtifactError, match=r"the stage name '\.\./\.\./base' gives a plan path outside"):
         find_plan(tmp_path, "../../base", "fp16", None)
+
+
+@pytest.mark.parametrize("module, version, precision, chosen", [
+    ("tensorrt", "10.3.0.30", "fp16", "fallback"),  # JetPack 6: no Attention in the parser
+    ("tensorrt", "10.14.1.48", "fp16", "attention"),
+    ("tensorrt", "11.4.1", "fp16", "attention"),
+    ("tensorrt", "10.14.1.48", "int8", "fallback"),
+    ("tensorrt_rtx", "1.7.1.116", "fp16", "attention"),
+    ("tensorrt_rtx", "1.7.1.116", "fp32", "fallback"),  # no dedicated FP32 kernel: the build would fail
+])
+def test_auto_attention_takes_the_attention_variant_where_the_parser_maps_it(module, version, precision, chosen):
+    from types import SimpleNamespace
+
+    from runtime.engine_registry import resolve_attention
+
+    trt = SimpleNamespace(__name__=module, __version__=version)  # the two attributes the rule reads
+    assert resolve_attention("auto", trt, precision) == chosen
+    assert resolve_attention("plugin", trt, precision) == "plugin"  # asked for: taken as given

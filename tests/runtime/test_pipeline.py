@@ -37,6 +37,9 @@ def test_onnxruntime_and_pytorch_give_the_same_latents_and_frames(micro_artifact
     directory, _ = micro_artifacts
     with Pipeline.from_artifacts(directory) as onnx, torch_pipeline(directory) as reference:
         videos = [p.generate("a red bicycle", seed=7, steps=STEPS, frames=13) for p in (onnx, reference)]
+        opened = {name: onnx.runner(name).runner.path.name for name in ("base", "sr2", "tokenizer_decoder")}
+    assert opened == {"base": "base.attention.onnx", "sr2": "sr2.attention.onnx",  # onnxruntime_file's choice
+                      "tokenizer_decoder": "tokenizer_decoder.onnx"}
     actual, expected = videos
     assert actual.frames.shape == (13, 128, 128, 3) and actual.frames.dtype == np.uint8
     for stage in ("base", "sr1", "sr2"):
@@ -44,6 +47,18 @@ def test_onnxruntime_and_pytorch_give_the_same_latents_and_frames(micro_artifact
         for clip, (a, e) in enumerate(zip(actual.latents[stage], expected.latents[stage], strict=True)):
             assert_close(a, e, LATENT_TOL, f"{stage} latent of clip {clip}")
     assert np.abs(actual.frames.astype(int) - expected.frames).max() <= 1  # rounding to uint8
+
+
+def test_onnxruntime_runs_the_attention_variant_where_there_is_one(micro_artifacts):
+    from runtime.runners import onnxruntime_file
+
+    _, manifest = micro_artifacts
+    base = manifest.stage("base")
+    assert onnxruntime_file(base, "fp16").file == "base.fp16.attention.onnx"
+    assert onnxruntime_file(base, "fp32", "tensorrt").file == "base.onnx"  # TensorRT EP: may not build it in FP32
+    older = base.model_copy(update={"files": tuple(f for f in base.files if f.variant != "attention")})
+    assert onnxruntime_file(older, "fp32").file == "base.onnx"  # exported before the variant existed
+    assert onnxruntime_file(manifest.stage("tokenizer_encoder"), "fp32").file == "tokenizer_encoder.onnx"
 
 
 def test_same_seed_same_video_other_seed_other_video(micro_artifacts):

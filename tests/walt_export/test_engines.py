@@ -64,7 +64,8 @@ def test_fp16_engines_per_stage_with_their_registry(built):
     registry = json.loads((out / BUILD_JSON).read_text())
     assert (registry["format"], registry["format_version"]) == ("walt-export-engines", 1)
     engines = registry["engines"]  # keyed by plan file
-    assert engines["base.fp16.plan"]["source_file"] == "base.fp16.fallback.onnx"
+    assert engines["base.fp16.plan"]["source_file"] == "base.fp16.attention.onnx"  # auto: TensorRT-RTX >= 1.7, FP16
+    assert engines["base.fp16.plan"]["attention"] == "attention"
     assert engines["base.fp16.plan"]["precision"] == "fp16"
     assert engines["tokenizer_decoder.fp16.plan"]["source_file"] == "tokenizer_decoder.fp16.onnx"
     assert engines["base.fp16.plan"]["profile"]["batch"] == [1, 2, 8]
@@ -91,7 +92,7 @@ def test_an_export_without_fp16_gets_the_fp16_files_of_an_fp16_export(built, mic
     _, exported = micro_artifacts  # the same cascade exported with --fp16
     assert manifest.stages == exported.stages
     fp16 = [f for stage in manifest.stages.values() for f in stage.files if f.precision == "fp16"]
-    assert len(fp16) == 3 * 3 + 3  # three denoisers x three variants, three tokenizer models
+    assert len(fp16) == 3 * 4 + 3  # three denoisers x four variants, three tokenizer models
     for f in fp16:
         check_file(artifact, f)
     assert manifest.stage("text_encoder").precisions == {"fp32"}

@@ -17,6 +17,7 @@ from walt_export.export_specs import BATCH, LATENT_FRAMES, export_specs
 from walt_export.onnx_export import export_model
 from walt_export.verify import VERIFY_JSON, OutputTolerance, verify_artifacts
 from walt_export.window_attention.onnx_contract import (
+    ATTENTION_OPSET,
     MAX_RANK,
     OP_DOMAIN,
     PLUGIN_VERSION,
@@ -97,12 +98,17 @@ def test_denoisers_hold_one_wattn_node_per_layer_with_the_contract_attributes(mi
         assert [(f.domain, f.name) for f in model.functions] == [(OP_DOMAIN, "WindowAttention3D")]
         assert {f.file: f.window_attention_nodes for f in manifest.stage(stage).files} == {
             f"{stage}.onnx": cfg.depth, f"{stage}.plugin.onnx": cfg.depth, f"{stage}.fallback.onnx": 0,
-            f"{stage}.fp16.onnx": cfg.depth, f"{stage}.fp16.plugin.onnx": cfg.depth, f"{stage}.fp16.fallback.onnx": 0,
+            f"{stage}.attention.onnx": 0, f"{stage}.fp16.onnx": cfg.depth, f"{stage}.fp16.plugin.onnx": cfg.depth,
+            f"{stage}.fp16.fallback.onnx": 0, f"{stage}.fp16.attention.onnx": 0,
         }
 
 
 def test_plugin_variant_strips_the_body_and_fallback_inlines_it_within_rank_8(micro_artifacts):
     directory, _ = micro_artifacts
+    attention = onnx.load(str(directory / "base.attention.onnx"))
+    assert not window_attention_nodes(attention) and not attention.functions
+    assert [n.op_type for n in attention.graph.node].count("Attention") == 2  # one per window-attention layer
+    assert {o.domain: o.version for o in attention.opset_import} == {"": ATTENTION_OPSET}
     plugin = onnx.load(str(directory / "base.plugin.onnx"))
     assert len(window_attention_nodes(plugin)) == 2 and not plugin.functions
     fallback = onnx.load(str(directory / "base.fallback.onnx"))
@@ -131,7 +137,7 @@ def test_onnxruntime_matches_pytorch_for_every_stage_variant_precision_and_two_b
     checks = verify_artifacts(directory, batches=(1, 2))
     failed = [c.worst for c in checks if not c.passed]
     assert not failed, "\n".join(failed)
-    runnable = files_of(manifest, ("canonical", "fallback"))
+    runnable = files_of(manifest, ("canonical", "fallback", "attention"))
     outputs = {(c.file, c.batch) for c in checks}
     assert outputs == {(f.file, b) for _, f in runnable for b in (1, 2)}  # every runnable file at both batches
     fp32 = [c for c in checks if c.precision == "fp32" and c.stage in DENOISER_NAMES]
@@ -170,6 +176,7 @@ def test_external_data_for_large_models(micro, tmp_path):
     files = {f.file: f for f in write_variants(spec, canonical, tmp_path, fp16=True)}
     assert [d.file for d in files["base.onnx"].external_data] == ["base.onnx.data"]
     assert [d.file for d in files["base.fallback.onnx"].external_data] == ["base.onnx.data"]  # shared
+    assert [d.file for d in files["base.attention.onnx"].external_data] == ["base.onnx.data"]
     assert [d.file for d in files["base.fp16.onnx"].external_data] == ["base.fp16.onnx.data"]
     weights = 4 * sum(p.numel() for p in micro.base.parameters())
     assert (tmp_path / "base.onnx.data").stat().st_size >= 0.9 * weights  # small tensors stay inline
@@ -177,7 +184,7 @@ def test_external_data_for_large_models(micro, tmp_path):
     with torch.no_grad():
         expected = micro.base(*inputs[:5], text=inputs[5], text_mask=inputs[6]).numpy()
     feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
-    for name in ("base.onnx", "base.fallback.onnx"):
+    for name in ("base.onnx", "base.fallback.onnx", "base.attention.onnx"):
         with OnnxRuntimeRunner(tmp_path / name) as runner:
             np.testing.assert_allclose(runner.infer(feeds)["v"], expected, atol=1e-5)
 
@@ -208,6 +215,19 @@ def test_tensorrt_rtx_builds_engines_of_the_fallback_and_fp16_files(micro_artifa
             "tokenizer_decoder_step.fp16.onnx"} <= set(built)
     with pytest.raises(EngineBuildError, match="Plugin not found"):  # TensorRT-RTX has no plugins
         build_engine(directory / "base.plugin.onnx", manifest.stage("base"), trt)
+
+
+def test_tensorrt_rtx_builds_the_attention_variant_in_fp16_only(micro_artifacts):
+    """TensorRT-RTX 1.7 maps `Attention` to its fused attention layer: FP16 builds; FP32 has no dedicated kernel for
+    these windows and the layer is not decomposable by default, so the build fails (why `resolve_attention` picks
+    the fallback for FP32 and INT8 plans)."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (extra trt-rtx)")
+    from walt_export.engine_build import EngineBuildError, build_engine
+
+    directory, manifest = micro_artifacts
+    assert len(build_engine(directory / "base.fp16.attention.onnx", manifest.stage("base"), trt)) > 10_000
+    with pytest.raises(EngineBuildError, match="Attention operation was not supported by a dedicated kernel"):
+        build_engine(directory / "base.attention.onnx", manifest.stage("base"), trt)
 
 
 

@@ -11,8 +11,10 @@ from runtime.runners import OnnxRuntimeRunner
 from tests.walt_export.test_window_attention import CASES, qkv, reference
 from walt_export.onnx_fp16 import fp16_variant
 from walt_export.window_attention.onnx_contract import (
+    ATTENTION_OPSET,
     OP_DOMAIN,
     OP_TYPE,
+    attention_variant,
     fallback_variant,
     onnx_function,
     plugin_variant,
@@ -25,8 +27,9 @@ ONNX_TOLERANCES = {"fp32": Tolerance(atol=1e-5, rtol=1e-5), "fp16": Tolerance(at
 OPSET = 20
 
 
-def attention_model(grid, window, heads, with_bias, elem_type=TensorProto.FLOAT, d=8):
-    """One WindowAttention3D node with dynamic N and its function body."""
+def attention_model(grid, window, heads, with_bias, elem_type=TensorProto.FLOAT, d=8, standard_attention=False):
+    """One WindowAttention3D node with dynamic N and its function body (on ONNX `Attention`, opset 23, if asked)."""
+    opset = ATTENTION_OPSET if standard_attention else OPSET
     register_onnx_schema()
     inputs = ["q", "k", "v"] + (["bias"] if with_bias else [])
     node = helper.make_node(OP_TYPE, inputs, ["out"], domain=OP_DOMAIN, window=list(window), scale=0.3,
@@ -36,17 +39,20 @@ def attention_model(grid, window, heads, with_bias, elem_type=TensorProto.FLOAT,
     if with_bias:
         values.append(helper.make_tensor_value_info("bias", elem_type, [heads, length, length]))
     graph = helper.make_graph([node], "wattn", values, [helper.make_tensor_value_info("out", elem_type, ["N", *grid, d])])
-    return helper.make_model(graph, ir_version=10, functions=[onnx_function(OPSET, with_bias)],
-                             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(OP_DOMAIN, 1)])
+    return helper.make_model(graph, ir_version=10, functions=[onnx_function(opset, with_bias, standard_attention)],
+                             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, 1)])
 
 
 @pytest.mark.parametrize("precision", list(ONNX_TOLERANCES))
 @pytest.mark.parametrize("grid, window", CASES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_function_body_equals_the_reference_in_onnxruntime(tmp_path, generator, precision, grid, window, with_bias):
+@pytest.mark.parametrize("standard_attention", [False, True], ids=["matmul-softmax", "Attention-23"])
+def test_function_body_equals_the_reference_in_onnxruntime(tmp_path, generator, precision, grid, window, with_bias,
+                                                           standard_attention):
     heads = 2
     dtype = np.float32 if precision == "fp32" else np.float16
-    model = attention_model(grid, window, heads, with_bias, TensorProto.FLOAT if precision == "fp32" else TensorProto.FLOAT16)
+    elem_type = TensorProto.FLOAT if precision == "fp32" else TensorProto.FLOAT16
+    model = attention_model(grid, window, heads, with_bias, elem_type, standard_attention=standard_attention)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, tmp_path / "wattn.onnx")
     q, k, v = qkv(generator, grid)
@@ -60,10 +66,11 @@ def test_function_body_equals_the_reference_in_onnxruntime(tmp_path, generator, 
     assert out.dtype == dtype
     expected = reference(*(torch.from_numpy(feeds[x].astype(np.float64)) for x in ("q", "k", "v")), window, 0.3,
                          None if bias is None else torch.from_numpy(feeds["bias"].astype(np.float64)), heads)
-    assert_close(out, expected, ONNX_TOLERANCES[precision], f"{precision} window {window} bias {with_bias}")
+    assert_close(out, expected, ONNX_TOLERANCES[precision],
+                 f"{precision} window {window} bias {with_bias} standard attention {standard_attention}")
 
 
-def test_plugin_strips_and_fallback_inlines_the_body():
+def test_plugin_strips_fallback_inlines_and_attention_rebuilds_the_body():
     model = attention_model((2, 4, 4), (1, 2, 2), 2, True)
     plugin = plugin_variant(model)
     assert len(window_attention_nodes(plugin)) == 1 and not plugin.functions
@@ -71,6 +78,11 @@ def test_plugin_strips_and_fallback_inlines_the_body():
     assert not window_attention_nodes(fallback) and not fallback.functions
     assert {n.op_type for n in fallback.graph.node} >= {"MatMul", "Softmax", "Transpose", "Reshape"}
     assert [n.op_type for n in fallback.graph.node if n.op_type in ("Mul", "MatMul")][:2] == ["Mul", "MatMul"]
+    attention = attention_variant(model)
+    assert not window_attention_nodes(attention) and not attention.functions
+    assert [n.op_type for n in attention.graph.node].count("Attention") == 1
+    assert "Softmax" not in {n.op_type for n in attention.graph.node}
+    assert {o.domain: o.version for o in attention.opset_import} == {"": ATTENTION_OPSET}
 
 
 def small_graph():

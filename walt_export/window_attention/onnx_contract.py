@@ -30,6 +30,7 @@ OP_TYPE = "WindowAttention3D"  # ONNX op type and TensorRT plugin name
 OP_VERSION = 1  # ONNX opset of the domain
 PLUGIN_VERSION = str(OP_VERSION)  # the TensorRT plugin's version
 MAX_RANK = 8  # TensorRT's Dims64::MAX_DIMS: the body and the fallback variant stay within it
+ATTENTION_OPSET = 23  # the first default-domain opset with `Attention`, which the attention variant needs
 _ATTRIBUTES = ("window", "scale", "plugin_namespace", "plugin_version")
 
 
@@ -55,13 +56,18 @@ def register_onnx_schema() -> None:
     ))
 
 
-def onnx_function(opset: int, with_bias: bool) -> onnx.FunctionProto:
+def onnx_function(opset: int, with_bias: bool, standard_attention: bool = False) -> onnx.FunctionProto:
     """The op's body as a model-local `FunctionProto` in default-domain `opset` (the model's own).
 
     partition -> Mul(q, scale) -> MatMul(q, k^T) [+ bias] -> Softmax -> MatMul(., v) -> merge. Sizes come from
     `Shape`, so N, T, H, W stay dynamic; every tensor has rank <= 8 (TensorRT's limit). With a bias the windows
     are laid out as (B, heads, nWin, L, d), so the bias (heads, 1, L, L) adds right after the first MatMul, the
     pattern TensorRT fuses into one attention kernel.
+
+    `standard_attention` (opset >= 23): the attention of the windows is one ONNX `Attention` node instead, on
+    (B * nWin, heads, L, d) with the bias (1, heads, L, L) as its additive mask (without a bias: (N * nWin, 1, L,
+    d)); onnxruntime runs it as one kernel, TensorRT >= 10.14 maps it to its fused attention layer
+    (../shared/notes/attention-and-scaleout.md).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -108,15 +114,20 @@ def onnx_function(opset: int, with_bias: bool) -> onnx.FunctionProto:
         return node("Reshape", [grouped, windows], x + "_windows")  # windows of L tokens
 
     qw, kw, vw = (to_windows(x) for x in ("q", "k", "v"))
-    scale = node("CastLike", [attribute("scale_attr", "scale", onnx.AttributeProto.FLOAT), "q"], "scale")
-    rank = 5 if with_bias else 3
-    kt = node("Transpose", [kw], "k_t", perm=[*range(rank - 2), rank - 1, rank - 2])  # (..., d, L)
-    scores = node("MatMul", [node("Mul", [qw, scale], "q_scaled"), kt], "scores")  # (..., L, L)
-    if with_bias:
-        bias = node("Unsqueeze", [node("CastLike", ["bias", "q"], "bias_cast"), "one"], "bias_4d")  # (heads, 1, L, L)
-        scores = node("Add", [scores, bias], "scores_biased")
-    probs = node("Softmax", [scores], "probs", axis=-1)
-    out = node("MatMul", [probs, vw], "out_windows")  # (..., L, d)
+    if standard_attention:
+        out = _standard_attention(node, nodes, qw, kw, vw, heads if with_bias else None,
+                                  n_win if with_bias else None, length, d)
+    else:
+        scale = node("CastLike", [attribute("scale_attr", "scale", onnx.AttributeProto.FLOAT), "q"], "scale")
+        rank = 5 if with_bias else 3
+        kt = node("Transpose", [kw], "k_t", perm=[*range(rank - 2), rank - 1, rank - 2])  # (..., d, L)
+        scores = node("MatMul", [node("Mul", [qw, scale], "q_scaled"), kt], "scores")  # (..., L, L)
+        if with_bias:
+            bias_cast = node("CastLike", ["bias", "q"], "bias_cast")
+            bias = node("Unsqueeze", [bias_cast, "one"], "bias_4d")  # (heads, 1, L, L)
+            scores = node("Add", [scores, bias], "scores_biased")
+        probs = node("Softmax", [scores], "probs", axis=-1)
+        out = node("MatMul", [probs, vw], "out_windows")  # (..., L, d)
     out = node("Reshape", [out, blocks], "out_blocks")  # (N, nT, nH, nW, wt, wh, ww, d)
     out = node("Transpose", [out], "out_8d", perm=[0, 1, 4, 2, 5, 3, 6, 7])  # (N, nT, wt, nH, wh, nW, ww, d)
     node("Reshape", [out, shape], "out")  # (N, T, H, W, d)
@@ -125,6 +136,34 @@ def onnx_function(opset: int, with_bias: bool) -> onnx.FunctionProto:
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_VERSION)],
         attributes=list(_ATTRIBUTES),
     )
+
+
+def _standard_attention(node, nodes: list, qw: str, kw: str, vw: str, heads: str | None, n_win: str | None,
+                        length: str, d: str) -> str:
+    """One ONNX `Attention` (opset 23) over the windows `qw`, `kw`, `vw` of the body: (B, heads, nWin, L, d) with a
+    bias (`heads`, `n_win` given), else (N * nWin, L, d); returns the output in the same layout. `node` adds a node
+    to `nodes`, the body's list."""
+    import onnx
+
+    with_bias = heads is not None
+    attention = onnx.helper.make_node("Attention", [], ["out_attention"])
+    attention.attribute.append(onnx.AttributeProto(name="scale", ref_attr_name="scale",
+                                                   type=onnx.AttributeProto.FLOAT))
+    if with_bias:  # (B, heads, nWin, L, d) -> (B * nWin, heads, L, d): the bias (1, heads, L, L) broadcasts
+        batch_first = node("Concat", ["minus_one", heads, length, d], "attention_shape", axis=0)
+        q, k, v = (node("Reshape", [node("Transpose", [x], x + "_by_window", perm=[0, 2, 1, 3, 4]), batch_first],
+                        x + "_4d") for x in (qw, kw, vw))
+        mask = node("Unsqueeze", [node("CastLike", ["bias", "q"], "bias_cast"), "zero"], "mask")  # (1, heads, L, L)
+        attention.input.extend([q, k, v, mask])
+    else:  # (N * nWin, L, d) -> (N * nWin, 1, L, d)
+        q, k, v = (node("Unsqueeze", [x, "one"], x + "_4d") for x in (qw, kw, vw))
+        attention.input.extend([q, k, v])
+    nodes.append(attention)
+    if with_bias:
+        by_window = node("Concat", ["minus_one", n_win, heads, length, d], "by_window_shape", axis=0)
+        out = node("Reshape", ["out_attention", by_window], "out_by_window")  # (B, nWin, heads, L, d)
+        return node("Transpose", [out], "out_windows", perm=[0, 2, 1, 3, 4])  # (B, heads, nWin, L, d)
+    return node("Squeeze", ["out_attention", "one"], "out_windows")  # (N * nWin, L, d)
 
 
 def window_attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -180,11 +219,30 @@ def fallback_variant(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with the op's body rebuilt on the standard ONNX `Attention` operator and inlined: plain ONNX at
+    default-domain opset ATTENTION_OPSET, every tensor of rank <= 8 (`onnx_function(standard_attention=True)`).
+
+    Only the default-domain opset number changes for the other nodes: the ops this project exports mean the same at
+    opsets 20 and 23 (checked by onnxruntime against the canonical model, `walt-export verify`)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for function in out.functions:
+        if function.domain == OP_DOMAIN and function.name == OP_TYPE:
+            function.CopyFrom(onnx_function(ATTENTION_OPSET, with_bias=len(function.input) == 4,
+                                            standard_attention=True))
+    for opset in out.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, ATTENTION_OPSET)
+    return fallback_variant(out)
+
+
 def write_attention_variants(model: onnx.ModelProto, path: Path, precision: Precision,
                              hashes: dict[str, str] | None = None) -> list[ModelFile]:
-    """Manifest entries of a canonical model already saved at `path` and of its plugin and fallback variants,
-    which are written beside it as `<stem>.plugin.onnx` and `<stem>.fallback.onnx` when it has `wattn` nodes (they
-    share its external data).
+    """Manifest entries of a canonical model already saved at `path` and of its plugin, fallback and attention
+    variants, which are written beside it as `<stem>.plugin.onnx`, `<stem>.fallback.onnx` and `<stem>.attention.onnx`
+    when it has `wattn` nodes (they share its external data).
 
     Args:
         model: the canonical model as saved (external weights need not be loaded).
@@ -195,13 +253,14 @@ def write_attention_variants(model: onnx.ModelProto, path: Path, precision: Prec
     hashes = {} if hashes is None else hashes
     variants = [("canonical", model)]
     if window_attention_nodes(model):
-        variants += [("plugin", plugin_variant(model)), ("fallback", fallback_variant(model))]
+        variants += [("plugin", plugin_variant(model)), ("fallback", fallback_variant(model)),
+                     ("attention", attention_variant(model))]
     files = []
     for variant, m in variants:
         out = path if variant == "canonical" else path.with_name(f"{path.stem}.{variant}.onnx")
         if variant != "canonical":
             save_model(m, out)
-            if variant == "fallback":
+            if variant in ("fallback", "attention"):
                 check_model(out)
         files.append(ModelFile(
             file=out.name, sha256=sha256_of(out), precision=precision, variant=variant,
