@@ -25,10 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.cli import run_command
+from runtime.files import atomic_output, check_output
 from runtime.manifest import check_file, read_manifest
+from runtime.request import Count, parse_as
 from runtime.runners import OnnxRuntimeRunner
 from walt_export.bench import rss_kib, sample_feeds
-from walt_export.config import CascadeConfig
+from walt_export.config import DENOISER_NAMES, CascadeConfig
 
 COMPARISONS = {  # --compare -> {setting: (variant, memory arena)}, the baseline first
     "arena": {"arena off": ("canonical", False), "arena on": ("canonical", True)},
@@ -73,21 +76,33 @@ def memory_child(directory: Path, stages: list[str], variant: str, arena: bool, 
     for _ in range(repeats):
         for name in stages:
             runners[name].infer(feeds[name])
-    return {"rss_rise_gb": (rss_kib("VmRSS") - before) / 2**20, "peak_rss_gb": rss_kib("VmHWM") / 2**20}
+    return {"rss_rise_gib": (rss_kib("VmRSS") - before) / 2**20, "peak_rss_gib": rss_kib("VmHWM") / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", type=Path, required=True)
-    parser.add_argument("--compare", choices=list(COMPARISONS), required=True)
-    parser.add_argument("--stages", nargs="+", help="default: the artifact's denoisers")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.onnxruntime_cpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, required=True, help="an artifact directory (walt-export onnx)")
+    parser.add_argument("--compare", choices=list(COMPARISONS), required=True,
+                        help="arena: memory arena off vs on; attention: canonical file vs attention variant")
+    parser.add_argument("--stages", nargs="+", choices=DENOISER_NAMES, help="denoisers to time (default: all)")
+    parser.add_argument("--repeats", type=parse_as(Count), default=10,
+                        help="interleaved calls per stage and setting, >= 1 (default 10)")
+    parser.add_argument("--out", help="also write the results to this .json file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # a setting of --compare, in a child process
     args = parser.parse_args(argv)
+    return run_command(parser.prog, False, lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output(args.out, "--out", "file", suffix=".json")
     manifest = read_manifest(args.artifacts)
     stages = args.stages or list(manifest.denoisers)
     settings = COMPARISONS[args.compare]
+    for name in stages:  # every file of both settings, before anything runs
+        for variant, _ in settings.values():
+            manifest.stage(name).file("fp32", variant)
     if args.memory_child:
         print(json.dumps(memory_child(args.artifacts, stages, *settings[args.memory_child], args.repeats)))
         return 0
@@ -118,19 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     base, new = settings
     print(f"{args.artifacts}: onnxruntime CPU, {args.repeats} interleaved calls per stage and setting")
-    print(f"{'stage':<8}{base + ' ms':>16}{new + ' ms':>16}{'speed-up':>10}")
+    print(f"{'stage':<8}{base + ' ms':>16}{new + ' ms':>16}{'speed-up':>10}")  # stages: base, sr1, sr2
     for name in stages:
         before, after = (statistics.median(seconds[(name, s)]) * 1e3 for s in settings)
         rows.append({"stage": name, "ms": {base: before, new: after}, "speedup": before / after})
         print(f"{name:<8}{before:>16.1f}{after:>16.1f}{before / after:>9.2f}x")
     for setting, m in memory.items():
-        print(f"{setting}: resident memory +{m['rss_rise_gb']:.2f} GiB after the calls, peak "
-              f"{m['peak_rss_gb']:.2f} GiB (denoisers alone, one process)")
+        print(f"{setting}: resident memory +{m['rss_rise_gib']:.2f} GiB after the calls, peak "
+              f"{m['peak_rss_gib']:.2f} GiB (denoisers alone, one process)")
     print("share of onnxruntime's node time per op type (its profiler):")
     for key, shares in profiles.items():
         print(f"  {key:<22} " + ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:7]))
     if args.out:
-        args.out.write_text(json.dumps({"artifacts": str(args.artifacts), "compare": args.compare,
+        with atomic_output(args.out) as path:
+            path.write_text(json.dumps({"artifacts": str(args.artifacts), "compare": args.compare,
                                         "repeats": args.repeats, "rows": rows, "memory": memory,
                                         "op_time_shares": profiles}, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -131,9 +131,13 @@ class StageInfo(_Schema):
             if f.precision == precision and f.variant == variant:
                 return f
         have = ", ".join(f"{f.precision}/{f.variant}" for f in self.files)
-        raise ArtifactError(f"no {precision}/{variant} file for {self.module} (this artifact has: {have}); "
-                            "export it with `walt-export onnx ... --fp16` for FP16 files, or run "
-                            "`walt-export calibrate --artifacts DIR` for INT8 files")
+        if precision in self.precisions:  # the precision is there, the variant is not: an older export
+            how = (f"this artifact was exported before the {variant} variant existed: re-export it with "
+                   "`walt-export onnx`")
+        else:
+            how = ("export it with `walt-export onnx ... --fp16` for FP16 files, or run `walt-export calibrate "
+                   "--artifacts DIR` for INT8 files")
+        raise ArtifactError(f"no {precision}/{variant} file for {self.module} (this artifact has: {have}); {how}")
 
 
 class LatentInfo(_Schema):

@@ -12,9 +12,9 @@ def test_bench_reports_every_stage_and_backend_side_by_side(micro_artifacts, tmp
     out = tmp_path / "bench.json"
     stages = ["text_encoder", "base", "tokenizer_decoder"]
     assert walt_export(["bench", "--artifacts", str(directory), "--backends",
-                        "torch,torch-compile,onnxruntime,onnxruntime-fp16,onnxruntime-int8,tensorrt",
-                        "--stages", *stages, "--repeats", "2", "--warmup", "1", "--steps", "2",
-                        "--json", str(out)]) == 0
+                        "torch,torch-compile,onnxruntime,onnxruntime-fp16,onnxruntime-int8,tensorrt,torch",
+                        "--stages", "text_encoder,base", "tokenizer_decoder", "base",  # commas or spaces, once each
+                        "--repeats", "2", "--warmup", "1", "--steps", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     measured = {(r["stage"], r["backend"]) for r in report["rows"]}
     expected = {(s, b) for s in stages for b in ("torch", "torch-compile", "onnxruntime")}
@@ -67,3 +67,19 @@ def test_an_unknown_stage_gets_one_line_before_anything_runs(micro_artifacts, ca
     assert walt_export(["bench", "--artifacts", str(directory), "--stages", "decoder"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown stages decoder" in err and "tokenizer_decoder" in err
+
+
+def test_a_run_with_nothing_to_time_says_why(micro_artifacts, capsys):
+    directory, _ = micro_artifacts
+    assert walt_export(["bench", "--artifacts", str(directory), "--backends", "tensorrt"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to time: every backend was skipped (tensorrt: " in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--paper", "--stages", "base", "--repeats", "2"], "--stages, --repeats measure an artifact"),
+    (["--artifacts", "x", "--preset", "tiny"], "--preset goes with --paper"),
+])
+def test_options_that_do_not_apply_are_refused(argv, says, capsys):
+    assert walt_export(["bench", *argv]) == 1
+    assert says in capsys.readouterr().err

@@ -99,7 +99,8 @@ class StageResult(_Schema):
 
     flops: per call (FLOP model); gflops_per_s: flops / median; vs_torch: PyTorch eager's median / this median
     (above 1: faster than eager; None without a torch row); peak_fraction: gflops_per_s / the run's matmul peak;
-    peak_rss_gb / call_rss_gb: the process's peak resident memory during one call, and its rise over the call (GiB).
+    peak_rss_gib / call_rss_gib: the process's peak resident memory during one call (every runner of the run open),
+    and its rise over the call, in GiB.
     """
 
     stage: str
@@ -111,8 +112,8 @@ class StageResult(_Schema):
     gflops_per_s: float
     vs_torch: float | None
     peak_fraction: float
-    peak_rss_gb: float | None
-    call_rss_gb: float | None
+    peak_rss_gib: float | None
+    call_rss_gib: float | None
 
 
 class Skipped(_Schema):
@@ -135,7 +136,7 @@ class GenerateResult(_Schema):
     infer_seconds: tuple[float, ...]
     median_s: float
     outside_infer_fraction: float  # of the median run
-    peak_rss_gb: float | None
+    peak_rss_gib: float | None
 
 
 class BenchReport(_Schema):
@@ -235,6 +236,11 @@ def _open_targets(options: BenchOptions, manifest: Manifest, stages: list[str], 
             except ArtifactError as e:
                 skipped.append(Skipped(backend=backend, stage=None, reason=str(e)))
                 continue
+        if backend == "tensorrt" and shutil.which("nvidia-smi") is None:
+            skipped.append(Skipped(backend=backend, stage=None,
+                                   reason="no CUDA GPU here (no nvidia-smi): TensorRT plans run on a GPU; run the "
+                                          "bench on the GPU machine, after `walt-export engines` there"))
+            continue
         if backend == "tensorrt":
             try:
                 from runtime.engine_registry import find_plan, import_tensorrt
@@ -320,6 +326,9 @@ def bench(options: BenchOptions, progress: Callable[[str], None] | None = None) 
     matmuls: list[float] = []
     with ExitStack() as stack:
         targets, skipped = _open_targets(options, manifest, stages, stack)
+        if not targets:
+            raise UsageError("nothing to time: every backend was skipped (" + "; ".join(
+                f"{s.backend}{'' if s.stage is None else ' ' + s.stage}: {s.reason}" for s in skipped) + ")")
         for repeat in range(options.warmup + options.repeats):
             counted = repeat >= options.warmup
             matmuls.append(_matmul_seconds())
@@ -357,7 +366,7 @@ def _rows(targets: list[_Target], flops: dict[str, int], cfg: CascadeConfig, pea
             stage=t.stage, backend=t.backend, batch=_batch(cfg, t.stage), file=t.file, latency=latency,
             flops=flops[t.stage], gflops_per_s=rate,
             vs_torch=eager[t.stage] / (latency.median_ms / 1e3) if t.stage in eager else None,
-            peak_fraction=rate / peak, peak_rss_gb=t.memory[0], call_rss_gb=t.memory[1]))
+            peak_fraction=rate / peak, peak_rss_gib=t.memory[0], call_rss_gib=t.memory[1]))
     return tuple(rows)
 
 
@@ -403,7 +412,7 @@ def _generate(options: BenchOptions, manifest: Manifest, say: Callable[[str], No
         results.append(GenerateResult(
             backend=name, prompt=prompt, calls=calls[name], seconds=tuple(seconds),
             infer_seconds=tuple(i for _, i in measured), median_s=median,
-            outside_infer_fraction=1 - measured[index][1] / measured[index][0], peak_rss_gb=peaks[name]))
+            outside_infer_fraction=1 - measured[index][1] / measured[index][0], peak_rss_gib=peaks[name]))
     return tuple(results)
 
 
@@ -420,26 +429,31 @@ def _versions() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------------ report
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_report(report: BenchReport) -> str:
     """The report as the CLI prints it: one table of stages x backends, skipped backends, end to end."""
     lines = [f"{report.artifacts} ({report.preset}) on {report.machine}; "
              + ", ".join(f"{k} {v}" for k, v in report.versions.items()),
-             f"{report.repeats} repeats after {report.warmup} warm-up, backends interleaved; threads "
-             f"{report.threads or 'default'}; float32 matmul peak {report.matmul_gflops_per_s:.1f} GFLOP/s (median)",
+             f"{_count(report.repeats, 'repeat')} after {_count(report.warmup, 'warm-up')}, backends interleaved; "
+             f"threads {report.threads or 'default'}; float32 matmul peak {report.matmul_gflops_per_s:.1f} GFLOP/s "
+             "(median)",
              "",
              f"{'stage':<23}{'backend':<18}{'batch':>5}{'median ms':>11}{'p10':>9}{'p90':>9}{'GFLOP':>9}"
-             f"{'GFLOP/s':>9}{'of peak':>8}{'vs torch':>9}{'peak RSS':>9}{'call +':>8}"]
+             f"{'GFLOP/s':>9}{'of peak':>8}{'vs torch':>9}{'RSS GiB':>9}{'call +':>8}"]
     for r in report.rows:
         gb = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(f"{r.stage:<23}{r.backend:<18}{r.batch:>5}{r.latency.median_ms:>11.1f}{r.latency.p10_ms:>9.1f}"
                      f"{r.latency.p90_ms:>9.1f}{r.flops / 1e9:>9.2f}{r.gflops_per_s:>9.1f}{r.peak_fraction:>8.0%}"
-                     f"{'-' if r.vs_torch is None else f'{r.vs_torch:.2f}x':>9}{gb(r.peak_rss_gb):>9}"
-                     f"{gb(r.call_rss_gb):>8}")
+                     f"{'-' if r.vs_torch is None else f'{r.vs_torch:.2f}x':>9}{gb(r.peak_rss_gib):>9}"
+                     f"{gb(r.call_rss_gib):>8}")
     for s in report.skipped:
         lines.append(f"skipped {s.backend}{'' if s.stage is None else ' ' + s.stage}: {s.reason}")
     for g in report.generate:
-        peak = "-" if g.peak_rss_gb is None else f"{g.peak_rss_gb:.2f} GiB"
-        lines.append(f"generate on {g.backend}: median {g.median_s:.2f} s over {len(g.seconds)}, "
+        peak = "-" if g.peak_rss_gib is None else f"{g.peak_rss_gib:.2f} GiB"
+        lines.append(f"generate on {g.backend}: median {g.median_s:.2f} s over {_count(len(g.seconds), 'run')}, "
                      f"{g.outside_infer_fraction:.1%} outside infer, peak RSS {peak}")
     if report.generate_speedup is not None:
         lines.append(f"generate: onnxruntime is {report.generate_speedup:.2f}x PyTorch eager end to end")
@@ -462,15 +476,20 @@ def paper_report(cfg: CascadeConfig, steps: int) -> PaperReport:
                        lower_bound_s={name: cost.seconds_at(peak) for name, peak in PEAKS.items()})
 
 
-def format_paper(report: PaperReport) -> str:
+def format_paper(report: PaperReport, cfg: CascadeConfig) -> str:
     cost = report.cost
-    lines = [f"{cost.preset}: one clip, {cost.steps} steps per denoiser, classifier-free guidance "
-             f"{'on (batch 2 per call)' if cost.guidance else 'off'} (FLOP model, walt_export/flops.py)",
-             f"{'stage':<20}{'calls':>6}{'batch':>6}{'TFLOP/call':>12}{'PFLOP/clip':>12}{'share':>7}"]
+    big = cost.flops >= 1e15  # paper scale: TFLOP per call, PFLOP per clip; else GFLOP and TFLOP
+    (call_unit, per_call), (clip_unit, per_clip) = (("TFLOP", 1e12), ("PFLOP", 1e15)) if big else \
+        (("GFLOP", 1e9), ("TFLOP", 1e12))
+    lines = [f"{cost.preset}: one {cfg.frames}x{cfg.height}x{cfg.width} clip, {cost.steps} steps per denoiser, "
+             f"classifier-free guidance {'on (batch 2 per call)' if cost.guidance else 'off'}, the decoder on the "
+             "whole clip (FLOP model, walt_export/flops.py)",
+             f"{'stage':<20}{'calls':>6}{'batch':>6}{call_unit + '/call':>12}{clip_unit + '/clip':>12}{'share':>7}"]
     for s in cost.stages:
-        lines.append(f"{s.stage:<20}{s.calls:>6}{s.batch:>6}{s.flops_per_call / 1e12:>12.4g}{s.flops / 1e15:>12.4g}"
-                     f"{s.flops / cost.flops:>7.1%}")
-    lines.append(f"{'total':<44}{report.pflop_per_clip:>12.4g}")
-    lines += [f"lower bound at {name} ({PEAKS[name] / 1e12:.0f} T/s): {seconds:.3g} s per clip"
-              for name, seconds in report.lower_bound_s.items()]
+        lines.append(f"{s.stage:<20}{s.calls:>6}{s.batch:>6}{s.flops_per_call / per_call:>12.4g}"
+                     f"{s.flops / per_clip:>12.4g}{s.flops / cost.flops:>7.1%}")
+    lines.append(f"{'total':<44}{cost.flops / per_clip:>12.4g}")
+    for name, seconds in report.lower_bound_s.items():
+        bound = f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+        lines.append(f"lower bound at {name} ({PEAKS[name] / 1e12:.0f} TFLOP/s): {bound} per clip")
     return "\n".join(lines)

@@ -138,19 +138,25 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--paper", action="store_true",
                         help="no measurement: the FLOPs of one clip of --preset (CFG, --steps per denoiser) and the "
                              "seconds it takes at least at H100/H200 dense peaks")
-    bench.add_argument("--preset", choices=list(PRESETS), default="t2v", help="with --paper (default t2v)")
+    bench.add_argument("--preset", choices=list(PRESETS), help="with --paper only (default t2v); an artifact has its "
+                                                              "own cascade")
     bench.add_argument("--backends", type=_backend_list, default=None,
                        help=f"comma-separated, of {','.join(BENCH_BACKENDS)} (default: all; tensorrt needs a GPU "
                             "and `walt-export engines`: a backend that cannot run is listed as skipped, with why)")
-    bench.add_argument("--stages", nargs="+", help="stages to time (default: every stage of the artifact)")
-    bench.add_argument("--repeats", type=parse_as(Count), default=5, help="counted calls per stage and backend (5)")
-    bench.add_argument("--warmup", type=parse_as(Count), default=2, help="uncounted calls first, >= 1 (default 2)")
-    bench.add_argument("--generate-repeats", type=parse_as(Threads), default=1,
-                       help="generate runs per backend end to end, >= 0 (default 1; 0: skip)")
+    bench.add_argument("--stages", nargs="+", type=_stage_list,
+                       help="stages to time, separated by spaces or commas (default: every stage of the artifact: "
+                            "text_encoder, base, sr1, sr2, tokenizer_encoder, tokenizer_decoder, "
+                            "tokenizer_decoder_step)")
+    bench.add_argument("--repeats", type=parse_as(Count), help="counted calls per stage and backend, >= 1 (default 5)")
+    bench.add_argument("--warmup", type=parse_as(Count), help="uncounted calls first, >= 1 (default 2)")
+    bench.add_argument("--generate-repeats", type=parse_as(Threads),
+                       help="end-to-end generate runs on onnxruntime and on PyTorch each (whatever --backends says), "
+                            ">= 0 (default 1; 0: none)")
     bench.add_argument("--steps", type=parse_as(Steps),
                        help="DDIM steps of every denoiser end to end (default: the artifact's; with --paper 50)")
-    bench.add_argument("--threads", type=parse_as(Threads), default=0,
-                       help="CPU threads of onnxruntime and PyTorch, >= 0 (default 0: each decides)")
+    bench.add_argument("--threads", type=parse_as(Threads),
+                       help="CPU threads of onnxruntime and PyTorch, >= 0 (default 0: each decides; on a busy machine "
+                            "PyTorch's default threads can make its rows swing several-fold: pin them)")
     bench.add_argument("--json", help="also write the report to this .json file")
     for command in sub.choices.values():  # -v after the command too
         command.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
@@ -158,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _backend_list(value: str) -> tuple[str, ...]:
-    backends = tuple(b.strip() for b in value.split(",") if b.strip())
+    backends = tuple(dict.fromkeys(b.strip() for b in value.split(",") if b.strip()))  # in order, once each
     unknown = [b for b in backends if b not in BENCH_BACKENDS]
     if unknown or not backends:
         raise argparse.ArgumentTypeError(f"unknown backends {', '.join(unknown) or '(none given)'}; choose from "
@@ -166,20 +172,33 @@ def _backend_list(value: str) -> tuple[str, ...]:
     return backends
 
 
+def _stage_list(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
 def _bench(args: argparse.Namespace) -> int:
     from runtime.files import atomic_output, check_output
     from walt_export.bench import BenchOptions, bench, format_paper, format_report, paper_report
 
+    measuring = {"--backends": args.backends, "--stages": args.stages, "--repeats": args.repeats,
+                 "--warmup": args.warmup, "--generate-repeats": args.generate_repeats, "--threads": args.threads}
+    if args.paper and (given := [name for name, value in measuring.items() if value is not None]):
+        raise UsageError(f"{', '.join(given)} measure an artifact; --paper measures nothing: drop them, or pass "
+                         "--artifacts DIR instead of --paper")
+    if args.artifacts and args.preset:
+        raise UsageError("--preset goes with --paper; an artifact has its own cascade: drop --preset")
     if args.json:
         check_output(args.json, "--json", "file", suffix=".json")
     if args.paper:
-        report = paper_report(PRESETS[args.preset], args.steps or 50)
-        print(format_paper(report))
+        cfg = PRESETS[args.preset or "t2v"]
+        report = paper_report(cfg, args.steps or 50)
+        print(format_paper(report, cfg))
     else:
-        options = BenchOptions(artifacts=args.artifacts, backends=args.backends or DEFAULT_BACKENDS,
-                               stages=tuple(args.stages) if args.stages else None, repeats=args.repeats,
-                               warmup=args.warmup, generate_repeats=args.generate_repeats, steps=args.steps,
-                               threads=args.threads)
+        stages = tuple(dict.fromkeys(s for group in args.stages for s in group)) if args.stages else None
+        given = {name: value for name, value in (("repeats", args.repeats), ("warmup", args.warmup),
+                 ("generate_repeats", args.generate_repeats), ("threads", args.threads)) if value is not None}
+        options = BenchOptions(artifacts=args.artifacts, backends=args.backends or DEFAULT_BACKENDS, stages=stages,
+                               steps=args.steps, **given)
         report = bench(options, progress=print)
         print(format_report(report))
     if args.json:
