@@ -35,7 +35,7 @@ Attention = Literal["attention", "fallback", "plugin"]  # the denoiser variant a
 AttentionChoice = Literal["auto", "attention", "fallback", "plugin"]  # `walt-export engines --attention`
 ATTENTION: tuple[str, ...] = get_args(AttentionChoice)
 # The first versions whose ONNX parser maps the standard `Attention` operator (opset 23) to the fused attention layer:
-# TensorRT 10.14 (its release notes; ../shared/notes/attention-and-scaleout.md), TensorRT-RTX 1.7 (the one run here).
+# TensorRT 10.14 (release notes 10.14.1; docs/tensorrt.md), TensorRT-RTX 1.7 (the one run here).
 ATTENTION_PARSERS = {"tensorrt": (10, 14), "tensorrt_rtx": (1, 7)}
 BUILD_JSON = "build.json"
 REGISTRY_FORMAT = "walt-export-engines"

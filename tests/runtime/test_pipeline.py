@@ -117,10 +117,10 @@ def test_tampered_or_missing_artifacts_are_refused(micro_artifacts, tmp_path):
     directory, _ = micro_artifacts
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
-    data = bytearray((copy / "base.onnx").read_bytes())
+    data = bytearray((copy / "base.attention.onnx").read_bytes())  # the file onnxruntime runs (onnxruntime_file)
     data[len(data) // 2] ^= 0x01
-    (copy / "base.onnx").write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="base.onnx does not match the manifest"):
+    (copy / "base.attention.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="base.attention.onnx does not match the manifest"):
         Pipeline.from_artifacts(copy)
     result = runtime_cli("generate", "--artifacts", str(tmp_path / "nothing"), "--prompt", "x", "--out", "x.mp4")
     assert result.returncode == 1 and result.stderr.startswith("python -m runtime: error:")

@@ -66,8 +66,8 @@ def onnx_function(opset: int, with_bias: bool, standard_attention: bool = False)
 
     `standard_attention` (opset >= 23): the attention of the windows is one ONNX `Attention` node instead, on
     (B * nWin, heads, L, d) with the bias (1, heads, L, L) as its additive mask (without a bias: (N * nWin, 1, L,
-    d)); onnxruntime runs it as one kernel, TensorRT >= 10.14 maps it to its fused attention layer
-    (../shared/notes/attention-and-scaleout.md).
+    d)); onnxruntime runs it as one kernel, TensorRT >= 10.14 maps it to its fused attention layer (release notes
+    10.14.1; docs/tensorrt.md).
     """
     import onnx
     from onnx import TensorProto, helper
