@@ -69,6 +69,12 @@ def _complete_video(path: Path) -> bool:
         return False
 
 
+def _final_videos(directory: Path) -> list[Path]:
+    """The videos under their final names in `directory` (pathlib's glob also matches the hidden temporaries that a
+    kill leaves mid-write, `.c0.<random>.tmp.mp4`, which are not outputs: the rerun removes them)."""
+    return sorted(p for p in directory.glob("*.mp4") if not p.name.startswith(".")) if directory.is_dir() else []
+
+
 def _hidden(directory: Path, allowed: tuple[str, ...] = ()) -> list[Path]:
     """Hidden entries (temporaries) under `directory`, except lock files and the names in `allowed`."""
     return [p for p in directory.rglob(".*") if not p.name.endswith(".lock") and p.name not in allowed]
@@ -103,11 +109,11 @@ def render_trial(artifacts: Path, work: Path, rng: random.Random, tally: Tally, 
         duration = timed(args + ["--out-dir", str(work / "timing-render")])
     _kill_after(args, rng.uniform(0.5, duration))
     tally.trials += 1
-    finished = {p: p.stat().st_mtime_ns for p in out.glob("*.mp4")} if out.is_dir() else {}
+    finished = {p: p.stat().st_mtime_ns for p in _final_videos(out)}
     tally.corrupt += sum(not _complete_video(p) for p in finished)
     rerun = _run(args)
     tally.failed_reruns += rerun.returncode != 0
-    videos = sorted(out.glob("*.mp4"))
+    videos = _final_videos(out)
     tally.corrupt += sum(not _complete_video(p) for p in videos) + (jobs - len(videos))
     tally.redone += sum(p.stat().st_mtime_ns != mtime for p, mtime in finished.items() if p.exists())
     tally.leftovers += len(_hidden(out, allowed=(".locks",)))
