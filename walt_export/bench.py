@@ -48,7 +48,7 @@ from runtime.errors import UsageError, WaltExportError
 from runtime.manifest import ArtifactError, Manifest, Precision, check_file, read_manifest
 from runtime.runners import Runner, make_runner, onnxruntime_file, wants_memory_arena
 from walt_export.config import CascadeConfig
-from walt_export.flops import GUIDED_BATCH, PEAKS, CascadeCost, cascade_flops, stage_flops
+from walt_export.flops import PEAKS, CascadeCost, cascade_flops, generate_batch, stage_flops
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +236,12 @@ def _open_targets(options: BenchOptions, manifest: Manifest, stages: list[str], 
             except ArtifactError as e:
                 skipped.append(Skipped(backend=backend, stage=None, reason=str(e)))
                 continue
-        if backend == "tensorrt" and shutil.which("nvidia-smi") is None:
-            skipped.append(Skipped(backend=backend, stage=None,
-                                   reason="no CUDA GPU here (no nvidia-smi): TensorRT plans run on a GPU; run the "
-                                          "bench on the GPU machine, after `walt-export engines` there"))
-            continue
         if backend == "tensorrt":
+            if shutil.which("nvidia-smi") is None:
+                skipped.append(Skipped(backend=backend, stage=None,
+                                       reason="no CUDA GPU here (no nvidia-smi): TensorRT plans run on a GPU; run the "
+                                              "bench on the GPU machine, after `walt-export engines` there"))
+                continue
             try:
                 from runtime.engine_registry import find_plan, import_tensorrt
 
@@ -281,17 +281,11 @@ def sample_feeds(cfg: CascadeConfig, stages: list[str], seed: int) -> dict[str, 
 
     from walt_export.export_specs import BATCH, export_specs
 
-    feeds = {}
+    specs, feeds = export_specs(cfg), {}
     for name in stages:
-        spec = export_specs(cfg)[name]
-        inputs = spec.sample_inputs(torch.Generator().manual_seed(seed), **{BATCH: _batch(cfg, name)})
-        feeds[name] = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
+        inputs = specs[name].sample_inputs(torch.Generator().manual_seed(seed), **{BATCH: generate_batch(cfg, name)})
+        feeds[name] = {t.name: x.numpy() for t, x in zip(specs[name].inputs, inputs, strict=True)}
     return feeds
-
-
-def _batch(cfg: CascadeConfig, stage: str) -> int:
-    """The batch `generate` calls the stage with (the FLOP model's default)."""
-    return GUIDED_BATCH if stage in ("text_encoder", *cfg.denoisers()) else 1
 
 
 def _matmul_seconds(size: int = MATMUL_SIZE) -> float:
@@ -363,7 +357,7 @@ def _rows(targets: list[_Target], flops: dict[str, int], cfg: CascadeConfig, pea
         latency = Latency.of(t.seconds)
         rate = flops[t.stage] / (latency.median_ms / 1e3) / 1e9
         rows.append(StageResult(
-            stage=t.stage, backend=t.backend, batch=_batch(cfg, t.stage), file=t.file, latency=latency,
+            stage=t.stage, backend=t.backend, batch=generate_batch(cfg, t.stage), file=t.file, latency=latency,
             flops=flops[t.stage], gflops_per_s=rate,
             vs_torch=eager[t.stage] / (latency.median_ms / 1e3) if t.stage in eager else None,
             peak_fraction=rate / peak, peak_rss_gib=t.memory[0], call_rss_gib=t.memory[1]))
@@ -392,18 +386,14 @@ def _generate(options: BenchOptions, manifest: Manifest, say: Callable[[str], No
             for name in order:
                 pipeline = pipelines[name]
                 pipeline.timings.clear()
-                result = {}
-
-                def run(pipeline=pipeline, result=result):
-                    start = time.perf_counter()
-                    pipeline.generate(**request, seed=options.seed, steps=options.steps)
-                    result["seconds"] = time.perf_counter() - start
-
-                peak, _ = _measure_memory(run)
+                start = time.perf_counter()
+                peak, _ = _measure_memory(lambda p=pipeline: p.generate(**request, seed=options.seed,
+                                                                        steps=options.steps))
+                seconds = time.perf_counter() - start
                 peaks[name] = max(filter(None, (peaks.get(name), peak)), default=None)
-                runs[name].append((result["seconds"], sum(t.seconds for t in pipeline.timings.values())))
+                runs[name].append((seconds, sum(t.seconds for t in pipeline.timings.values())))
                 calls[name] = {stage: time_spent.calls for stage, time_spent in pipeline.timings.items()}
-                say(f"generate on {name}: {result['seconds']:.1f} s")
+                say(f"generate on {name}: {seconds:.1f} s")
     results = []
     for name, measured in runs.items():
         seconds = [s for s, _ in measured]

@@ -177,7 +177,7 @@ def _stage_list(value: str) -> list[str]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from runtime.files import atomic_output, check_output
+    from runtime.files import check_output
     from walt_export.bench import BenchOptions, bench, format_paper, format_report, paper_report
 
     measuring = {"--backends": args.backends, "--stages": args.stages, "--repeats": args.repeats,
@@ -202,10 +202,17 @@ def _bench(args: argparse.Namespace) -> int:
         report = bench(options, progress=print)
         print(format_report(report))
     if args.json:
-        with atomic_output(args.json) as path:
-            path.write_text(report.model_dump_json(indent=1) + "\n")
-        print(f"wrote {args.json}")
+        _write_report(args.json, report)
     return 0
+
+
+def _write_report(path: str, report) -> None:
+    """Write a command's pydantic report as JSON to `path` (already checked by `check_output`), atomically."""
+    from runtime.files import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(report.model_dump_json(indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def _engines(args: argparse.Namespace) -> int:
@@ -250,7 +257,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from runtime.files import atomic_output, check_output
+    from runtime.files import check_output
     from runtime.pipeline import Pipeline
     from runtime.score import format_table, score_pipeline
 
@@ -275,9 +282,7 @@ def _score(args: argparse.Namespace) -> int:
                                 progress=print)
     print(format_table(report))
     if args.json:
-        with atomic_output(args.json) as path:
-            path.write_text(report.model_dump_json(indent=1) + "\n")
-        print(f"wrote {args.json}")
+        _write_report(args.json, report)
     return 0
 
 

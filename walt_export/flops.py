@@ -69,7 +69,8 @@ def text_encoder_flops(cfg: TextEncoderConfig, batch: int) -> int:
 
 
 def _res_block(cin: int, cout: int, voxels: int) -> int:
-    return _conv(cin, cout, 27, voxels) + _conv(cout, cout, 27, voxels) + (_conv(cin, cout, 1, voxels) if cin != cout else 0)
+    shortcut = _conv(cin, cout, 1, voxels) if cin != cout else 0
+    return _conv(cin, cout, 27, voxels) + _conv(cout, cout, 27, voxels) + shortcut
 
 
 def tokenizer_encoder_flops(cfg: TokenizerConfig, batch: int, frames: int, height: int, width: int) -> int:
@@ -115,28 +116,38 @@ def tokenizer_decoder_flops(cfg: TokenizerConfig, batch: int, latent_frames: int
     return batch * (flops + _conv(ch[0], cfg.in_channels, 27, t * h * w))
 
 
+def generate_batch(cfg: CascadeConfig, stage: str) -> int:
+    """The batch `generate` calls a stage with: GUIDED_BATCH for the text encoder and the denoisers (classifier-free
+    guidance), 1 for the tokenizer stages."""
+    return GUIDED_BATCH if stage in ("text_encoder", *cfg.denoisers()) else 1
+
+
 def stage_flops(cfg: CascadeConfig, batch: dict[str, int] | None = None,
                 latent_frames: int | None = None) -> dict[str, int]:
     """FLOPs of one call of every stage (the names of `walt_export.export_specs`), in pipeline order.
 
-    `batch` overrides the batch per stage; by default the batch `generate` uses: GUIDED_BATCH for the text encoder
-    and the denoisers, 1 for the tokenizer. The tokenizer stages run `latent_frames` latent frames (default: the
+    `batch` overrides the batch per stage; by default the batch `generate` uses (`generate_batch`). The tokenizer
+    stages run `latent_frames` latent frames (default: the
     cascade's clip), the encoder on the video they decode to."""
     batch = batch or {}
+
+    def batch_of(stage: str) -> int:
+        return batch.get(stage, generate_batch(cfg, stage))
+
     flops = {}
     text_length = cfg.text_encoder.max_length if cfg.text_encoder is not None else 0
     if cfg.text_encoder is not None:
-        flops["text_encoder"] = text_encoder_flops(cfg.text_encoder, batch.get("text_encoder", GUIDED_BATCH))
+        flops["text_encoder"] = text_encoder_flops(cfg.text_encoder, batch_of("text_encoder"))
     for name in cfg.denoisers():
-        flops[name] = denoiser_flops(getattr(cfg, name), batch.get(name, GUIDED_BATCH), text_length)
+        flops[name] = denoiser_flops(getattr(cfg, name), batch_of(name), text_length)
     tk = cfg.tokenizer
     _, t, h, w = tk.latent_shape(cfg.frames, cfg.height, cfg.width)
     t = latent_frames or t
     frames = 1 + tk.temporal_factor * (t - 1)
-    flops["tokenizer_encoder"] = tokenizer_encoder_flops(tk, batch.get("tokenizer_encoder", 1), frames, cfg.height,
+    flops["tokenizer_encoder"] = tokenizer_encoder_flops(tk, batch_of("tokenizer_encoder"), frames, cfg.height,
                                                          cfg.width)
-    flops["tokenizer_decoder"] = tokenizer_decoder_flops(tk, batch.get("tokenizer_decoder", 1), t, h, w)
-    flops["tokenizer_decoder_step"] = tokenizer_decoder_flops(tk, batch.get("tokenizer_decoder_step", 1), t, h, w,
+    flops["tokenizer_decoder"] = tokenizer_decoder_flops(tk, batch_of("tokenizer_decoder"), t, h, w)
+    flops["tokenizer_decoder_step"] = tokenizer_decoder_flops(tk, batch_of("tokenizer_decoder_step"), t, h, w,
                                                               first=False)
     return flops
 

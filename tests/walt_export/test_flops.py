@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from walt_export.cascade import build_component
 from walt_export.config import PRESETS
 from walt_export.export_specs import BATCH, LATENT_FRAMES, export_specs
-from walt_export.flops import GUIDED_BATCH, PEAKS, cascade_flops, stage_flops
+from walt_export.flops import PEAKS, cascade_flops, generate_batch, stage_flops
 
 
 def counted(cfg, name: str, **dims: int) -> int:
@@ -26,8 +26,7 @@ def test_every_stage_matches_torch_counter(preset):
     model = stage_flops(cfg)
     assert list(model) == list(export_specs(cfg))
     for name, flops in model.items():
-        batch = GUIDED_BATCH if name in ("text_encoder", *cfg.denoisers()) else 1
-        assert flops == counted(cfg, name, **{BATCH: batch}), name
+        assert flops == counted(cfg, name, **{BATCH: generate_batch(cfg, name)}), name
 
 
 def test_batch_and_latent_frames_are_counted():
