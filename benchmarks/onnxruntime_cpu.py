@@ -3,10 +3,13 @@
 
     python -m benchmarks.onnxruntime_cpu --artifacts artifacts/tiny --compare arena --out arena.json
     python -m benchmarks.onnxruntime_cpu --artifacts artifacts/tiny --compare attention --out attention.json
+    python -m benchmarks.onnxruntime_cpu --artifacts artifacts/tiny --compare int8 --out int8.json
 
 --compare arena: the canonical files without and with the CPU memory arena (shared by the process's sessions, as
 `runtime.runners.wants_memory_arena` opens them). --compare attention: the canonical file against the attention
-variant (the standard ONNX `Attention` operator), both with the arena.
+variant (the standard ONNX `Attention` operator), both with the arena. --compare int8: the FP32 attention variant
+against the INT8 one (`walt-export calibrate`), as the runtime opens them; their profiles show which products run in
+8 bits (MatMulIntegerToFloat, QLinearConv) and what the Q/DQ nodes around them cost.
 
 Speed: one process opens every denoiser in both settings and times the two sessions interleaved on the same feeds
 (`walt_export.bench.sample_feeds`, the batch of `generate`); median per stage and the ratio. Memory: one child
@@ -33,15 +36,17 @@ from runtime.runners import OnnxRuntimeRunner
 from walt_export.bench import rss_kib, sample_feeds
 from walt_export.config import DENOISER_NAMES, CascadeConfig
 
-COMPARISONS = {  # --compare -> {setting: (variant, memory arena)}, the baseline first
-    "arena": {"arena off": ("canonical", False), "arena on": ("canonical", True)},
-    "attention": {"canonical": ("canonical", True), "attention": ("attention", True)},
+COMPARISONS = {  # --compare -> {setting: (precision, variant, memory arena)}, the baseline first
+    "arena": {"arena off": ("fp32", "canonical", False), "arena on": ("fp32", "canonical", True)},
+    "attention": {"canonical": ("fp32", "canonical", True), "attention": ("fp32", "attention", True)},
+    "int8": {"fp32": ("fp32", "attention", True), "int8": ("int8", "attention", True)},
 }
 
 
-def open_runners(directory: Path, stages: list[str], variant: str, arena: bool) -> dict[str, OnnxRuntimeRunner]:
+def open_runners(directory: Path, stages: list[str], precision: str, variant: str, arena: bool
+                 ) -> dict[str, OnnxRuntimeRunner]:
     manifest = read_manifest(directory)
-    return {name: OnnxRuntimeRunner(check_file(directory, manifest.stages[name].file("fp32", variant)),
+    return {name: OnnxRuntimeRunner(check_file(directory, manifest.stages[name].file(precision, variant)),
                                     memory_arena=arena).__enter__() for name in stages}
 
 
@@ -68,10 +73,10 @@ def op_profile(path: Path, feeds: dict, arena: bool, calls: int) -> dict[str, fl
     return {op: us / total for op, us in spent.most_common()}
 
 
-def memory_child(directory: Path, stages: list[str], variant: str, arena: bool, repeats: int) -> dict:
+def memory_child(directory: Path, stages: list[str], precision: str, variant: str, arena: bool, repeats: int) -> dict:
     cfg = CascadeConfig.model_validate(read_manifest(directory).config)
     feeds = sample_feeds(cfg, stages, seed=0)
-    runners = open_runners(directory, stages, variant, arena)
+    runners = open_runners(directory, stages, precision, variant, arena)
     before = rss_kib("VmRSS")
     for _ in range(repeats):
         for name in stages:
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, required=True, help="an artifact directory (walt-export onnx)")
     parser.add_argument("--compare", choices=list(COMPARISONS), required=True,
-                        help="arena: memory arena off vs on; attention: canonical file vs attention variant")
+                        help="arena: memory arena off vs on; attention: canonical file vs attention variant; int8: "
+                             "FP32 vs INT8 attention variant")
     parser.add_argument("--stages", nargs="+", choices=DENOISER_NAMES, help="denoisers to time (default: all)")
     parser.add_argument("--repeats", type=parse_as(Count), default=10,
                         help="interleaved calls per stage and setting, >= 1 (default 10)")
@@ -101,8 +107,8 @@ def _run(args: argparse.Namespace) -> int:
     stages = args.stages or list(manifest.denoisers)
     settings = COMPARISONS[args.compare]
     for name in stages:  # every file of both settings, before anything runs
-        for variant, _ in settings.values():
-            manifest.stage(name).file("fp32", variant)
+        for precision, variant, _ in settings.values():
+            manifest.stage(name).file(precision, variant)
     if args.memory_child:
         print(json.dumps(memory_child(args.artifacts, stages, *settings[args.memory_child], args.repeats)))
         return 0
@@ -119,9 +125,9 @@ def _run(args: argparse.Namespace) -> int:
                 if repeat >= 2:
                     seconds[(name, setting)].append(time.perf_counter() - start)
     profiles = {}
-    for setting, (variant, arena) in settings.items():
+    for setting, (precision, variant, arena) in settings.items():
         for name in stages:
-            path = check_file(args.artifacts, manifest.stages[name].file("fp32", variant))
+            path = check_file(args.artifacts, manifest.stages[name].file(precision, variant))
             profiles[f"{name} {setting}"] = op_profile(path, feeds[name], arena, args.repeats)
     memory = {}
     for setting in settings:
@@ -143,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{m['peak_rss_gib']:.2f} GiB (denoisers alone, one process)")
     print("share of onnxruntime's node time per op type (its profiler):")
     for key, shares in profiles.items():
-        print(f"  {key:<22} " + ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:7]))
+        print(f"  {key:<22} " + ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:10]))
     if args.out:
         with atomic_output(args.out) as path:
             path.write_text(json.dumps({"artifacts": str(args.artifacts), "compare": args.compare,

@@ -35,6 +35,22 @@ def test_onnx_export_benchmark_records_time_and_memory_per_model(tmp_path, capsy
     assert "peak resident memory" in capsys.readouterr().out
 
 
+def test_attention_benchmark_bounds_every_shape_and_call(tmp_path, capsys):
+    from benchmarks import attention_cpu
+
+    out = tmp_path / "attention.json"
+    assert attention_cpu.main(["--preset", "micro", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {row["kind"] for row in result["rows"]} == {"spatial", "spatiotemporal", "cross"}
+    for row in result["rows"]:
+        assert set(row["ms"]) == set(attention_cpu.KERNELS) and all(ms > 0 for ms in row["ms"].values())
+        assert all(0 < fraction < 1 for fraction in row["peak_fraction"].values())
+    assert list(result["calls"]) == ["base", "sr1", "sr2"]
+    assert all(0 < call["attention_flops"] < call["flops"] and 0 < call["peak_fraction"] < 1
+               for call in result["calls"].values())
+    assert "limit of one denoiser call" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a CUDA GPU")
 def test_gpu_check_says_it_needs_a_gpu(tmp_path, capsys):
     from benchmarks import gpu_check

@@ -288,7 +288,9 @@ def sample_feeds(cfg: CascadeConfig, stages: list[str], seed: int) -> dict[str, 
     return feeds
 
 
-def _matmul_seconds(size: int = MATMUL_SIZE) -> float:
+def matmul_seconds(size: int = MATMUL_SIZE) -> float:
+    """Seconds of one float32 size x size x size `torch.mm` (PyTorch's CPU BLAS, all threads), after one untimed;
+    2 size^3 / seconds is the matmul peak stage rates are judged against."""
     import torch
 
     a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
@@ -325,7 +327,7 @@ def bench(options: BenchOptions, progress: Callable[[str], None] | None = None) 
                 f"{s.backend}{'' if s.stage is None else ' ' + s.stage}: {s.reason}" for s in skipped) + ")")
         for repeat in range(options.warmup + options.repeats):
             counted = repeat >= options.warmup
-            matmuls.append(_matmul_seconds())
+            matmuls.append(matmul_seconds())
             for name in stages:
                 row = [t for t in targets if t.stage == name]
                 shift = repeat % max(len(row), 1)

@@ -183,6 +183,15 @@ class DenoiserConfig(StrictModel):
     def is_spatial(self, layer: int) -> bool:
         return (layer % 2 == 0) == (self.first_layer == "spatial")
 
+    def attention_window(self, spatial: bool, num_frames: int | None = None) -> Triple:
+        """The (wt, wh, ww) token window of a spatial layer (one whole frame) or a spatiotemporal one (the config's
+        window, its time extent capped at `num_frames` token frames; default: the config's)."""
+        t, h, w = self.token_grid
+        if spatial:
+            return (1, h, w)
+        wt, wh, ww = self.window
+        return (min(wt, t if num_frames is None else num_frames), wh, ww)
+
     def has_cross_attention(self, layer: int) -> bool:
         return self.cross_attention == "every" or (self.cross_attention == "spatial" and self.is_spatial(layer))
 

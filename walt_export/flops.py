@@ -15,6 +15,8 @@ Used by `walt-export bench` (achieved GFLOP/s, fraction of the physical limit) a
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from walt_export.config import CascadeConfig, DenoiserConfig, SuperResConfig, TextEncoderConfig, TokenizerConfig
@@ -28,6 +30,49 @@ def _conv(cin: int, cout: int, kernel_volume: int, out_voxels: int) -> int:
 
 def _linear(tokens: int, fan_in: int, fan_out: int) -> int:
     return 2 * tokens * fan_in * fan_out
+
+
+class AttentionShape(BaseModel):
+    """One attention of one denoiser layer in one call: `windows` independent sequences (batch x windows per sample)
+    of `heads` heads, `query_length` queries against `key_length` keys of `head_dim` channels. Self-attention
+    attends inside its window (spatial: one whole frame; spatiotemporal: the config's window); text
+    cross-attention's keys are the window's tokens and the text's (docs/model_spec.md §3)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layer: int
+    kind: Literal["spatial", "spatiotemporal", "cross"]
+    windows: int
+    heads: int
+    query_length: int
+    key_length: int
+    head_dim: int
+
+    @property
+    def scores(self) -> int:
+        """Elements of the attention matrix Q K^T, which softmax reads and writes."""
+        return self.windows * self.heads * self.query_length * self.key_length
+
+    @property
+    def flops(self) -> int:
+        """Q K^T and the weighted sum of V, 2 FLOPs per multiply-add each."""
+        return 4 * self.scores * self.head_dim
+
+
+def attention_shapes(cfg: DenoiserConfig, batch: int, text_length: int = 0) -> list[AttentionShape]:
+    """Every attention of one call of a denoiser on `batch` latents (video, not image), in layer order."""
+    t, h, w = cfg.token_grid
+    shapes = []
+    for layer in range(cfg.depth):
+        spatial = cfg.is_spatial(layer)
+        wt, wh, ww = cfg.attention_window(spatial)
+        length = wt * wh * ww
+        common = dict(layer=layer, windows=batch * t * h * w // length, heads=cfg.num_heads, query_length=length,
+                      head_dim=cfg.head_dim)
+        shapes.append(AttentionShape(kind="spatial" if spatial else "spatiotemporal", key_length=length, **common))
+        if cfg.has_cross_attention(layer):
+            shapes.append(AttentionShape(kind="cross", key_length=length + text_length, **common))
+    return shapes
 
 
 def denoiser_flops(cfg: DenoiserConfig, batch: int, text_length: int = 0) -> int:
@@ -49,12 +94,11 @@ def denoiser_flops(cfg: DenoiserConfig, batch: int, text_length: int = 0) -> int
     for layer in range(cfg.depth):
         if layer > 0:
             per_sample += _linear(1, d, cfg.adaln_lora_rank) + _linear(1, cfg.adaln_lora_rank, 6 * d)
-        window = h * w if cfg.is_spatial(layer) else min(cfg.window[0], t) * cfg.window[1] * cfg.window[2]
-        flops += batch * (_linear(tokens, d, 4 * d) + 4 * tokens * window * d)  # qkv, proj; QK^T and AV
+        flops += batch * _linear(tokens, d, 4 * d)  # qkv, proj
         if cfg.has_cross_attention(layer):
-            flops += batch * (_linear(tokens, d, 4 * d) + _linear(text_length, d, 2 * d)  # q k v proj; k v of text
-                              + 4 * tokens * (window + text_length) * d)
+            flops += batch * (_linear(tokens, d, 4 * d) + _linear(text_length, d, 2 * d))  # q k v proj; k v of text
         flops += batch * _linear(tokens, d, int(d * cfg.mlp_ratio)) * 2
+    flops += sum(a.flops for a in attention_shapes(cfg, batch, text_length))
     flops += batch * _linear(tokens, d, p * p * c)
     return flops + batch * per_sample
 

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from walt_export.cascade import build_component
 from walt_export.config import PRESETS
 from walt_export.export_specs import BATCH, LATENT_FRAMES, export_specs
-from walt_export.flops import PEAKS, cascade_flops, generate_batch, stage_flops
+from walt_export.flops import PEAKS, attention_shapes, cascade_flops, generate_batch, stage_flops
 
 
 def counted(cfg, name: str, **dims: int) -> int:
@@ -49,3 +49,19 @@ def test_paper_cascade_cost():
     assert cost.seconds_at(PEAKS["H100/H200 SXM dense FP16/BF16"]) == pytest.approx(cost.flops / 989e12)
     unguided = cascade_flops(PRESETS["t2v"], steps=50, guidance=False)
     assert unguided.flops < cost.flops and {s.batch for s in unguided.stages} == {1}
+
+
+def test_attention_shapes_of_the_t2v_base():
+    """docs/model_spec.md §3: spatial windows are whole 16x28 frames, spatiotemporal ones 5x8x14; text
+    cross-attention adds the prompt's tokens to the keys."""
+    cfg = PRESETS["t2v"]
+    shapes = attention_shapes(cfg.base, batch=2, text_length=cfg.text_encoder.max_length)
+    self_attention = [s for s in shapes if s.kind != "cross"]
+    assert [s.layer for s in self_attention] == list(range(cfg.base.depth))
+    spatial = next(s for s in shapes if s.kind == "spatial")
+    assert (spatial.windows, spatial.query_length, spatial.key_length) == (2 * 5, 16 * 28, 16 * 28)
+    temporal = next(s for s in shapes if s.kind == "spatiotemporal")
+    assert (temporal.windows, temporal.query_length) == (2 * (5 // 5) * (16 // 8) * (28 // 14), 5 * 8 * 14)
+    for cross in (s for s in shapes if s.kind == "cross"):
+        assert cross.key_length == cross.query_length + cfg.text_encoder.max_length
+        assert cross.flops == 4 * cross.windows * cross.heads * cross.query_length * cross.key_length * cross.head_dim

@@ -12,7 +12,7 @@ import torch
 
 from runtime.manifest import check_file, read_manifest
 from runtime.runners import OnnxRuntimeRunner
-from walt_export.config import DENOISER_NAMES
+from walt_export.config import DENOISER_NAMES, CascadeConfig
 from walt_export.export_specs import BATCH, LATENT_FRAMES, export_specs
 from walt_export.onnx_export import export_model
 from walt_export.verify import VERIFY_JSON, OutputTolerance, verify_artifacts
@@ -104,11 +104,17 @@ def test_denoisers_hold_one_wattn_node_per_layer_with_the_contract_attributes(mi
 
 
 def test_plugin_variant_strips_the_body_and_fallback_inlines_it_within_rank_8(micro_artifacts):
-    directory, _ = micro_artifacts
-    attention = onnx.load(str(directory / "base.attention.onnx"))
-    assert not window_attention_nodes(attention) and not attention.functions
-    assert [n.op_type for n in attention.graph.node].count("Attention") == 2  # one per window-attention layer
-    assert {o.domain: o.version for o in attention.opset_import} == {"": ATTENTION_OPSET}
+    directory, manifest = micro_artifacts
+    for stage in DENOISER_NAMES:
+        cfg = getattr(CascadeConfig.model_validate(manifest.config), stage)
+        cross = sum(cfg.has_cross_attention(layer) for layer in range(cfg.depth))
+        assert cross > 0, stage  # the text cross-attention is rewritten too
+        for precision in ("", ".fp16"):
+            attention = onnx.load(str(directory / f"{stage}{precision}.attention.onnx"))
+            assert not window_attention_nodes(attention) and not attention.functions
+            ops = [n.op_type for n in attention.graph.node]
+            assert ops.count("Attention") == cfg.depth + cross and "Softmax" not in ops, (stage, precision)
+            assert {o.domain: o.version for o in attention.opset_import} == {"": ATTENTION_OPSET}
     plugin = onnx.load(str(directory / "base.plugin.onnx"))
     assert len(window_attention_nodes(plugin)) == 2 and not plugin.functions
     fallback = onnx.load(str(directory / "base.fallback.onnx"))

@@ -61,15 +61,6 @@ def _qk_norm(cfg: DenoiserConfig) -> nn.Module:
     return nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
 
 
-def _window_of(cfg: DenoiserConfig, spatial: bool, num_frames: int) -> Window:
-    """The concrete window of a layer at this frame count (spatial: one whole frame)."""
-    t, h, w = cfg.token_grid
-    if spatial:
-        return (1, h, w)
-    wt, wh, ww = cfg.window
-    return (min(wt, num_frames), wh, ww)
-
-
 class WindowSelfAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping windows, through the `wattn` op."""
 
@@ -80,7 +71,7 @@ class WindowSelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.q_norm, self.k_norm = _qk_norm(cfg), _qk_norm(cfg)
         self.proj = nn.Linear(d, d)
-        self.window = _window_of(cfg, spatial, cfg.token_grid[0])
+        self.window = cfg.attention_window(spatial)
         self.relative_bias = None
         if cfg.relative_position_bias:
             wt, wh, ww = self.window
@@ -122,7 +113,7 @@ class WindowCrossAttention(nn.Module):
         """x (B, T, h, w, d), text (B, Lt, d) projected, text_bias (B, Lt) additive (0 or -inf) -> (B, T, h, w, d)."""
         b, t, h, w, d = x.shape
         heads, hd = self.config.num_heads, self.config.head_dim
-        window = _window_of(self.config, self.spatial, t)
+        window = self.config.attention_window(self.spatial, t)
         xw = partition(x, window)  # (B*nWin, L, d)
         n, length, _ = xw.shape
         n_win = n // b

@@ -7,7 +7,9 @@ and the variants every file with such nodes is shipped in (docs/window_attention
     body       a model-local FunctionProto: partition -> Mul(q, scale) -> MatMul(q, k^T) [+ bias] -> Softmax ->
                MatMul(., v) -> merge, every tensor of rank <= 8 (TensorRT's limit), so onnxruntime runs it
     variants   canonical (node + body: onnxruntime), plugin (body stripped: TensorRT must use the plugin, the only
-               path on TensorRT <= 10.6, i.e. JetPack 6), fallback (body inlined: plain ONNX for plugin-free TensorRT)
+               path on TensorRT <= 10.6, i.e. JetPack 6), fallback (body inlined: plain ONNX for plugin-free TensorRT),
+               attention (body on the standard ONNX `Attention`, inlined, the text cross-attention rewritten onto it
+               too: onnxruntime, TensorRT >= 10.14)
 
 The exporter (`walt_export.onnx_export`), INT8 calibration (`calibration/`, which must not import torch) and the
 TensorRT plugin (`plugin.py`) all read this module; the torch op that the exporter maps to the node is `op.py`.
@@ -221,7 +223,8 @@ def fallback_variant(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with the op's body rebuilt on the standard ONNX `Attention` operator and inlined: plain ONNX at
-    default-domain opset ATTENTION_OPSET, every tensor of rank <= 8 (`onnx_function(standard_attention=True)`).
+    default-domain opset ATTENTION_OPSET, every tensor of rank <= 8 (`onnx_function(standard_attention=True)`); the
+    text cross-attention, decomposed by the exporter, becomes an `Attention` node too (`standard_text_attention`).
 
     Only the default-domain opset number changes for the other nodes: the ops this project exports mean the same at
     opsets 20 and 23 (checked by onnxruntime against the canonical model, `walt-export verify`)."""
@@ -235,7 +238,100 @@ def attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
     for opset in out.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, ATTENTION_OPSET)
-    return fallback_variant(out)
+    out = fallback_variant(out)
+    standard_text_attention(out.graph)
+    return out
+
+
+def standard_text_attention(graph: onnx.GraphProto) -> int:
+    """Rewrite, in place, every scaled-dot-product attention that torch's ONNX exporter decomposes below opset 23
+    (the text cross-attention, `F.scaled_dot_product_attention` in `WindowCrossAttention`) into one ONNX
+    `Attention` node; returns how many.
+
+    The decomposition: MatMul(Softmax(Add(MatMul(Mul(q, c), Mul(k^T, c)), mask), axis=-1), v), with k^T written as
+    Reshape -> Transpose -> Reshape of k (n, heads, S, d) and c = sqrt(scale) a constant; it becomes
+    Attention(q, k, v, mask, scale=c^2). The mask (n, 1, 1, S) is expanded to (n, 1, L, S): onnxruntime's kernel
+    requires a mask row per query, which the ONNX operator allows to broadcast. The nodes left unused are removed.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    initializers = {i.name: i for i in graph.initializer}
+
+    def made_by(name: str, op: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    def constant(name: str) -> float | None:
+        tensor = initializers.get(name)
+        if tensor is None and (node := made_by(name, "Constant")) is not None:
+            tensor = node.attribute[0].t
+        if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        value = numpy_helper.to_array(tensor)
+        return float(value) if value.size == 1 else None
+
+    def decomposed(product: onnx.NodeProto):
+        """(q's Mul, k^T's first Reshape, the mask Add, sqrt(scale) of q, of k) of a decomposed attention ending in
+        `product`, or None."""
+        softmax = made_by(product.input[0], "Softmax")
+        if softmax is None or any(a.name == "axis" and a.i != -1 for a in softmax.attribute):
+            return None
+        add = made_by(softmax.input[0], "Add")
+        scores = None if add is None else made_by(add.input[0], "MatMul")
+        if scores is None:
+            return None
+        q_scaled, kt_scaled = made_by(scores.input[0], "Mul"), made_by(scores.input[1], "Mul")
+        if q_scaled is None or kt_scaled is None:
+            return None
+        merged = made_by(kt_scaled.input[0], "Reshape")
+        transpose = None if merged is None else made_by(merged.input[0], "Transpose")
+        split = None if transpose is None else made_by(transpose.input[0], "Reshape")
+        c_q, c_k = constant(q_scaled.input[1]), constant(kt_scaled.input[1])
+        if split is None or c_q is None or c_k is None:
+            return None
+        return q_scaled, split, add, c_q, c_k
+
+    rewritten = 0
+    for product in [n for n in graph.node if n.op_type == "MatMul"]:
+        match = decomposed(product)
+        if match is None:
+            continue
+        q_scaled, split, add, c_q, c_k = match
+        name, mask = product.name or product.output[0], add.input[1]
+        shape = f"{name}/mask_shape"
+        nodes = [helper.make_node("Shape", [mask], [f"{shape}/lead"], end=2),
+                 helper.make_node("Shape", [q_scaled.input[0]], [f"{shape}/queries"], start=2, end=3),
+                 helper.make_node("Shape", [mask], [f"{shape}/keys"], start=3),
+                 helper.make_node("Concat", [f"{shape}/lead", f"{shape}/queries", f"{shape}/keys"], [shape], axis=0),
+                 helper.make_node("Expand", [mask, shape], [f"{name}/mask"]),
+                 helper.make_node("Attention", [q_scaled.input[0], split.input[0], product.input[1], f"{name}/mask"],
+                                  list(product.output), name=f"{name}/attention", scale=float(np.float32(c_q * c_k)))]
+        index = list(graph.node).index(product)
+        graph.node.remove(product)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(index + offset, node)
+        rewritten += 1
+    if rewritten:
+        _remove_unused_nodes(graph)
+    return rewritten
+
+
+def _remove_unused_nodes(graph: onnx.GraphProto) -> None:
+    """Drop the nodes none of whose outputs is read (by a node, a subgraph or the graph's outputs)."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            for attribute in node.attribute:  # names a subgraph reads from the outer graph
+                for sub in [attribute.g, *attribute.graphs]:
+                    needed.update(i for n in sub.node for i in n.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
 
 
 def write_attention_variants(model: onnx.ModelProto, path: Path, precision: Precision,
