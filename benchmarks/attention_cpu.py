@@ -7,7 +7,7 @@ For every distinct attention of the denoisers (`walt_export.flops.attention_shap
 window self-attention with its relative-position bias, text cross-attention with its mask; the batch `generate`
 uses), timed interleaved, `--repeats` times after one warm-up round, median:
 - onnxruntime's `Attention` operator (opset 23, the attention variant's node; CPU EP);
-- PyTorch's `scaled_dot_product_attention` (eager, its CPU flash kernel);
+- PyTorch's `scaled_dot_product_attention` (eager, the CPU kernel PyTorch picks; the model's mask as it is);
 - onnxruntime's `Softmax` alone over the scores, shape (windows, heads, queries, keys): what every kernel that writes
   Q K^T to memory (onnxruntime's `Attention`, the canonical file's MatMul-Softmax-MatMul) pays besides the two
   products;
@@ -56,7 +56,8 @@ def _session(node, inputs: dict[str, tuple[int, ...]]):
 def kernels(shape: AttentionShape, bias: bool, seed: int = 0) -> dict[str, object]:
     """The three calls to time for one attention shape, each a no-argument callable on seeded inputs. The mask:
     self-attention's relative-position bias (1, heads, L, L) where the config has one; cross-attention's
-    additive text mask, expanded to (windows, 1, L, L + Lt) as onnxruntime's `Attention` requires."""
+    additive text mask, expanded to (windows, 1, L, L + Lt) as onnxruntime's `Attention` requires (PyTorch gets the
+    model's (windows, 1, 1, L + Lt))."""
     import torch
     from onnx import helper
 
@@ -75,6 +76,8 @@ def kernels(shape: AttentionShape, bias: bool, seed: int = 0) -> dict[str, objec
     scores = rng.standard_normal((n, heads, length, keys), dtype=np.float32)
     softmax = _session(helper.make_node("Softmax", ["scores"], ["out"], axis=-1), {"scores": scores.shape})
     tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    if mask is not None and shape.kind == "cross":
+        mask = mask[:, :, :1]  # PyTorch broadcasts the model's (n, 1, 1, S) mask itself
     tmask = None if mask is None else torch.from_numpy(mask)
     return {
         "onnxruntime Attention": lambda: attention.run(None, feeds),
@@ -103,13 +106,13 @@ def _run(args: argparse.Namespace) -> int:
     per_stage = {name: attention_shapes(getattr(cfg, name), generate_batch(cfg, name), text_length)
                  for name in stages}
 
-    def key(shape: AttentionShape) -> tuple:
-        return shape.model_dump(exclude={"layer"}).values()
+    def key(shape: AttentionShape, stage: str) -> tuple:  # a shape, and whether its layers have the bias
+        return (*shape.model_dump(exclude={"layer"}).values(), getattr(cfg, stage).relative_position_bias)
 
     distinct: dict[tuple, tuple[list[str], AttentionShape]] = {}  # shared by several layers and stages
     for name, shapes in per_stage.items():
         for s in shapes:
-            names = distinct.setdefault(tuple(key(s)), ([], s))[0]
+            names = distinct.setdefault(key(s, name), ([], s))[0]
             if name not in names:
                 names.append(name)
     calls = {k: kernels(s, getattr(cfg, names[0]).relative_position_bias) for k, (names, s) in distinct.items()}
@@ -146,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     for name, shapes in per_stage.items():
         total = denoiser_flops(getattr(cfg, name), generate_batch(cfg, name), text_length)
         attention = sum(s.flops for s in shapes)
-        fastest = (total - attention) / peak + sum(fastest_s[tuple(key(s))] for s in shapes)
+        fastest = (total - attention) / peak + sum(fastest_s[key(s, name)] for s in shapes)
         calls_bound[name] = {"flops": total, "attention_flops": attention, "fastest_ms": fastest * 1e3,
                              "peak_fraction": total / fastest / peak}
         print(f"  {name}: {total / 1e9:.2f} GFLOP, {attention / total:.0%} in attention; at best "

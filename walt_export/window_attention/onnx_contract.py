@@ -227,7 +227,9 @@ def attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
     text cross-attention, decomposed by the exporter, becomes an `Attention` node too (`standard_text_attention`).
 
     Only the default-domain opset number changes for the other nodes: the ops this project exports mean the same at
-    opsets 20 and 23 (checked by onnxruntime against the canonical model, `walt-export verify`)."""
+    opsets 20 and 23 (checked by onnxruntime against the canonical model, `walt-export verify`).
+
+    Raises ValueError (a bug, not a user mistake) when a Softmax is left: an attention the rewrite did not match."""
     import copy
 
     out = copy.deepcopy(model)
@@ -240,18 +242,23 @@ def attention_variant(model: onnx.ModelProto) -> onnx.ModelProto:
             opset.version = max(opset.version, ATTENTION_OPSET)
     out = fallback_variant(out)
     standard_text_attention(out.graph)
+    left = [n.name or n.output[0] for n in out.graph.node if n.op_type == "Softmax"]
+    if left:
+        raise ValueError(f"the attention variant still has decomposed attention (Softmax {left}): "
+                         "standard_text_attention did not match the exporter's pattern")
     return out
 
 
 def standard_text_attention(graph: onnx.GraphProto) -> int:
-    """Rewrite, in place, every scaled-dot-product attention that torch's ONNX exporter decomposes below opset 23
-    (the text cross-attention, `F.scaled_dot_product_attention` in `WindowCrossAttention`) into one ONNX
-    `Attention` node; returns how many.
+    """Rewrite, in place, the scaled-dot-product attentions that torch's ONNX exporter decomposes below opset 23
+    into one ONNX `Attention` node each; returns how many. In this project's models that is the text
+    cross-attention (`F.scaled_dot_product_attention` in `WindowCrossAttention`, on 4-D q, k, v and mask).
 
-    The decomposition: MatMul(Softmax(Add(MatMul(Mul(q, c), Mul(k^T, c)), mask), axis=-1), v), with k^T written as
-    Reshape -> Transpose -> Reshape of k (n, heads, S, d) and c = sqrt(scale) a constant; it becomes
-    Attention(q, k, v, mask, scale=c^2). The mask (n, 1, 1, S) is expanded to (n, 1, L, S): onnxruntime's kernel
-    requires a mask row per query, which the ONNX operator allows to broadcast. The nodes left unused are removed.
+    The decomposition matched: MatMul(Softmax(Add(MatMul(Mul(q, c), Mul(k^T, c)), mask), axis=-1), v), with k^T
+    written as Reshape -> Transpose(perm 0, 2, 1) -> Reshape of k (n, heads, S, d) and c = sqrt(scale) a scalar
+    constant; it becomes Attention(q, k, v, mask, scale=c^2). The mask (n, 1, 1, S) is expanded to (n, 1, L, S):
+    onnxruntime's kernel requires a mask row per query, which the ONNX operator allows to broadcast. The nodes left
+    unused are removed.
     """
     import numpy as np
     import onnx
@@ -265,13 +272,17 @@ def standard_text_attention(graph: onnx.GraphProto) -> int:
         return node if node is not None and node.op_type == op else None
 
     def constant(name: str) -> float | None:
+        """The value of a one-element initializer or Constant (`value` or `value_float`), else None."""
         tensor = initializers.get(name)
         if tensor is None and (node := made_by(name, "Constant")) is not None:
-            tensor = node.attribute[0].t
+            attribute = node.attribute[0]
+            if attribute.name == "value_float":
+                return attribute.f
+            tensor = attribute.t if attribute.name == "value" else None
         if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
             return None
         value = numpy_helper.to_array(tensor)
-        return float(value) if value.size == 1 else None
+        return value.reshape(-1)[0].item() if value.size == 1 else None
 
     def decomposed(product: onnx.NodeProto):
         """(q's Mul, k^T's first Reshape, the mask Add, sqrt(scale) of q, of k) of a decomposed attention ending in
@@ -288,7 +299,9 @@ def standard_text_attention(graph: onnx.GraphProto) -> int:
             return None
         merged = made_by(kt_scaled.input[0], "Reshape")
         transpose = None if merged is None else made_by(merged.input[0], "Transpose")
-        split = None if transpose is None else made_by(transpose.input[0], "Reshape")
+        if transpose is None or [list(a.ints) for a in transpose.attribute if a.name == "perm"] != [[0, 2, 1]]:
+            return None
+        split = made_by(transpose.input[0], "Reshape")
         c_q, c_k = constant(q_scaled.input[1]), constant(kt_scaled.input[1])
         if split is None or c_q is None or c_k is None:
             return None
@@ -300,7 +313,7 @@ def standard_text_attention(graph: onnx.GraphProto) -> int:
         if match is None:
             continue
         q_scaled, split, add, c_q, c_k = match
-        name, mask = product.name or product.output[0], add.input[1]
+        name, mask = product.output[0], add.input[1]  # output names are unique, node names need not be
         shape = f"{name}/mask_shape"
         nodes = [helper.make_node("Shape", [mask], [f"{shape}/lead"], end=2),
                  helper.make_node("Shape", [q_scaled.input[0]], [f"{shape}/queries"], start=2, end=3),
@@ -308,7 +321,8 @@ def standard_text_attention(graph: onnx.GraphProto) -> int:
                  helper.make_node("Concat", [f"{shape}/lead", f"{shape}/queries", f"{shape}/keys"], [shape], axis=0),
                  helper.make_node("Expand", [mask, shape], [f"{name}/mask"]),
                  helper.make_node("Attention", [q_scaled.input[0], split.input[0], product.input[1], f"{name}/mask"],
-                                  list(product.output), name=f"{name}/attention", scale=float(np.float32(c_q * c_k)))]
+                                  list(product.output), name=f"{product.name or name}/attention",
+                                  scale=float(np.float32(c_q * c_k)))]
         index = list(graph.node).index(product)
         graph.node.remove(product)
         for offset, node in enumerate(nodes):
@@ -320,18 +334,26 @@ def standard_text_attention(graph: onnx.GraphProto) -> int:
 
 
 def _remove_unused_nodes(graph: onnx.GraphProto) -> None:
-    """Drop the nodes none of whose outputs is read (by a node, a subgraph or the graph's outputs)."""
+    """Drop the nodes none of whose outputs is read (by a node, by any subgraph nested in one, or as an output)."""
     needed = {o.name for o in graph.output}
     kept = []
     for node in reversed(list(graph.node)):
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed.update(node.input)
-            for attribute in node.attribute:  # names a subgraph reads from the outer graph
-                for sub in [attribute.g, *attribute.graphs]:
-                    needed.update(i for n in sub.node for i in n.input)
+            needed.update(_names_read(node))
     del graph.node[:]
     graph.node.extend(reversed(kept))
+
+
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """The value names a node reads: its inputs, and every name its subgraphs (at any depth) read or output."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for sub in [attribute.g, *attribute.graphs]:
+            names.update(o.name for o in sub.output)
+            for inner in sub.node:
+                names.update(_names_read(inner))
+    return names
 
 
 def write_attention_variants(model: onnx.ModelProto, path: Path, precision: Precision,
