@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{name:<8}{before:>16.1f}{after:>16.1f}{before / after:>9.2f}x")
     for setting, m in memory.items():
         print(f"{setting}: resident memory +{m['rss_rise_gib']:.2f} GiB after the calls, peak "
-              f"{m['peak_rss_gib']:.2f} GiB (denoisers alone, one process)")
+              f"{m['peak_rss_gib']:.2f} GiB (the stages timed, alone in one process)")
     print("share of onnxruntime's node time per op type (its profiler):")
     for key, shares in profiles.items():
         print(f"  {key:<22} " + ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:10]))
