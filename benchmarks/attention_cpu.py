@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
             names = distinct.setdefault(key(s, name), ([], s))[0]
             if name not in names:
                 names.append(name)
-    calls = {k: kernels(s, getattr(cfg, names[0]).relative_position_bias) for k, (names, s) in distinct.items()}
+    calls = {k: kernels(s, bias=k[-1]) for k, (_, s) in distinct.items()}
     seconds = collections.defaultdict(list)
     matmuls = []
     for repeat in range(args.repeats + 1):  # one warm-up round
@@ -128,6 +128,7 @@ def _run(args: argparse.Namespace) -> int:
                 if repeat:
                     seconds[(k, kernel)].append(time.perf_counter() - start)
     peak = 2 * MATMUL_SIZE**3 / statistics.median(matmuls[1:])
+    median_ms = {k: {kernel: statistics.median(seconds[(k, kernel)]) * 1e3 for kernel in KERNELS} for k in distinct}
 
     rows = []
     print(f"{args.preset}: attention on this CPU, {args.repeats} interleaved rounds, median; float32 matmul peak "
@@ -135,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{'stages':<14}{'kind':<16}{'windows x heads x L x S x d':>30}{'GFLOP':>8}"
           + "".join(f"{kernel + ' ms':>25}" for kernel in KERNELS) + f"{'ORT':>7}{'SDPA':>7}")
     for k, (names, shape) in distinct.items():
-        ms = {kernel: statistics.median(seconds[(k, kernel)]) * 1e3 for kernel in KERNELS}
+        ms = median_ms[k]
         fraction = {kernel: shape.flops / (ms[kernel] / 1e3) / peak for kernel in KERNELS[:2]}
         rows.append({"stages": names, **shape.model_dump(exclude={"layer"}), "flops": shape.flops, "ms": ms,
                      "peak_fraction": fraction})
@@ -143,13 +144,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{','.join(names):<14}{shape.kind:<16}{dims:>30}{shape.flops / 1e9:>8.3f}"
               + "".join(f"{ms[kernel]:>25.2f}" for kernel in KERNELS)
               + f"{fraction['onnxruntime Attention']:>7.0%}{fraction['torch SDPA']:>7.0%}")
-    fastest_s = {k: min(statistics.median(seconds[(k, kernel)]) for kernel in KERNELS[:2]) for k in distinct}
     calls_bound = {}
     print("limit of one denoiser call (each attention at the fastest kernel above, every other FLOP at the peak):")
     for name, shapes in per_stage.items():
         total = denoiser_flops(getattr(cfg, name), generate_batch(cfg, name), text_length)
         attention = sum(s.flops for s in shapes)
-        fastest = (total - attention) / peak + sum(fastest_s[key(s, name)] for s in shapes)
+        fastest = (total - attention) / peak + sum(min(median_ms[key(s, name)][kernel] for kernel in KERNELS[:2])
+                                                   for s in shapes) / 1e3
         calls_bound[name] = {"flops": total, "attention_flops": attention, "fastest_ms": fastest * 1e3,
                              "peak_fraction": total / fastest / peak}
         print(f"  {name}: {total / 1e9:.2f} GFLOP, {attention / total:.0%} in attention; at best "

@@ -180,8 +180,10 @@ def _bench(args: argparse.Namespace) -> int:
     from runtime.files import check_output
     from walt_export.bench import BenchOptions, bench, format_paper, format_report, paper_report
 
-    measuring = {"--backends": args.backends, "--stages": args.stages, "--repeats": args.repeats,
-                 "--warmup": args.warmup, "--generate-repeats": args.generate_repeats, "--threads": args.threads}
+    counts = {"repeats": args.repeats, "warmup": args.warmup, "generate_repeats": args.generate_repeats,
+              "threads": args.threads}  # BenchOptions fields; None: not given, the default holds
+    measuring = {"--backends": args.backends, "--stages": args.stages,
+                 **{"--" + name.replace("_", "-"): value for name, value in counts.items()}}
     if args.paper and (given := [name for name, value in measuring.items() if value is not None]):
         raise UsageError(f"{', '.join(given)} measure an artifact; --paper measures nothing: drop them, or pass "
                          "--artifacts DIR instead of --paper")
@@ -195,10 +197,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(format_paper(report, cfg))
     else:
         stages = tuple(dict.fromkeys(s for group in args.stages for s in group)) if args.stages else None
-        given = {name: value for name, value in (("repeats", args.repeats), ("warmup", args.warmup),
-                 ("generate_repeats", args.generate_repeats), ("threads", args.threads)) if value is not None}
         options = BenchOptions(artifacts=args.artifacts, backends=args.backends or DEFAULT_BACKENDS, stages=stages,
-                               steps=args.steps, **given)
+                               steps=args.steps, **{name: value for name, value in counts.items() if value is not None})
         report = bench(options, progress=print)
         print(format_report(report))
     if args.json:
