@@ -2,7 +2,10 @@
 
     python -m runtime generate --artifacts DIR --prompt TEXT --out OUT.mp4 [--seed N] [--steps N] [--guidance S]
                                [--frames N] [--image PATH] [--class-id N] [--backend onnxruntime] [--device cpu]
-    python -m runtime render --artifacts DIR --jobs JOBS.jsonl --out-dir DIR
+                               [--low-memory] [--memory-report REPORT.json]
+    python -m runtime render --artifacts DIR --jobs JOBS.jsonl --out-dir DIR [--batch N]
+
+Videos are streamed into their mp4 as the decoder makes the frames, so no length is limited by memory.
 
 Every value and every output location is checked before any model runs; a mistake is one line and exit 1 (a bad
 flag value: argparse's line and exit 2), Ctrl-C exits 130 leaving no partial file.
@@ -20,7 +23,7 @@ from typing import get_args
 
 from runtime.errors import WaltExportError
 from runtime.manifest import Precision
-from runtime.request import ClassId, Frames, Guidance, Seed, Steps, Threads, parse_as
+from runtime.request import ClassId, Count, Frames, Guidance, Seed, Steps, Threads, parse_as
 from runtime.runners import BACKENDS
 
 PROG = "python -m runtime"
@@ -63,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
                             "when stderr is a terminal), on, off")
         p.add_argument("-q", "--quiet", dest="progress", action="store_const", const="off",
                        help="no progress bars (--progress off)")
+        p.add_argument("--low-memory", action="store_true",
+                       help="hold one stage at a time: each model is opened for its stage and released after it "
+                            "(for devices where the cascade's models do not fit together, e.g. Jetson Orin; slower)")
+        p.add_argument("--memory-report", metavar="REPORT.json",
+                       help="write what each stage held in memory (RSS; TensorRT: device memory) and the run's peak "
+                            "to this JSON file, and print it as a table")
+        p.add_argument("--static-batch", type=parse_as(Count), metavar="N",
+                       help="with --backend tensorrt: run the plans of `walt-export engines --profile static "
+                            "--batch N` (N videos per call) instead of the dynamic ones")
 
     gen = sub.add_parser("generate", help="generate one video")
     common(gen)
@@ -87,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--jobs", required=True, help='one JSON object per line: {"prompt": ..., "seed": ..., '
                                                       '"output": "name.mp4"} (+ frames, steps, guidance, image, class_id)')
     render.add_argument("--out-dir", required=True, help="where the videos and results.jsonl go")
+    render.add_argument("--batch", type=parse_as(Count), default=1,
+                        help="generate up to N compatible jobs together (same frames, steps, guidance, image or "
+                             "not), every model call on the whole batch (default 1)")
     return parser
 
 
@@ -147,7 +162,6 @@ def run_command(prog: str, verbose: bool, command: Callable[[], int]) -> int:
 def _run(args: argparse.Namespace) -> int:
     from runtime.files import check_output
     from runtime.pipeline import Pipeline
-    from runtime.render import read_jobs, render
 
     disable = {"auto": None, "on": False, "off": True}[args.progress]
     if args.command == "generate":
@@ -156,31 +170,58 @@ def _run(args: argparse.Namespace) -> int:
             check_output(args.png_dir, "--png-dir", "directory")
     else:
         check_output(args.out_dir, "--out-dir", "directory")
-    with Pipeline.from_artifacts(args.artifacts, args.backend, args.device, args.precision, args.threads) as pipe:
-        if args.command == "generate":
-            start = time.perf_counter()
-            with StepBars(disable) as bars:
-                video = pipe.generate(args.prompt, class_id=args.class_id, seed=args.seed, steps=args.steps,
-                                      guidance=args.guidance, frames=args.frames, image=args.image, progress=bars)
-            path = video.save(args.out)
+    if args.memory_report:
+        check_output(args.memory_report, "--memory-report", "file", suffix=".json")
+    with Pipeline.from_artifacts(args.artifacts, args.backend, args.device, args.precision, args.threads,
+                                 low_memory=args.low_memory, static_batch=args.static_batch,
+                                 memory_report=bool(args.memory_report)) as pipe:
+        code = _generate(args, pipe, disable) if args.command == "generate" else _render(args, pipe, disable)
+        if pipe.memory is not None:
+            from runtime.files import atomic_output
+
+            report = pipe.memory.report()
+            with atomic_output(args.memory_report) as tmp:
+                tmp.write_text(report.model_dump_json(indent=2) + "\n")
+            print(report.table())
+        return code
+
+
+def _generate(args: argparse.Namespace, pipe, disable: bool | None) -> int:
+    """One video, streamed into the mp4 (and PNGs) frame by frame as the decoder makes them."""
+    from runtime.video import mp4_writer, write_pngs
+
+    start = time.perf_counter()
+    first, made = None, 0
+    with StepBars(disable) as bars, mp4_writer(args.out, pipe.fps) as write:
+        for frame in pipe.stream(args.prompt, class_id=args.class_id, seed=args.seed, steps=args.steps,
+                                 guidance=args.guidance, frames=args.frames, image=args.image, progress=bars):
+            first = first or time.perf_counter() - start
+            write(frame[None])
             if args.png_dir:
-                video.save_pngs(args.png_dir)
-            t, h, w, _ = video.frames.shape
-            print(f"wrote {path}: {t} frames {w}x{h} @ {video.fps:g} fps in {time.perf_counter() - start:.1f} s")
-            return 0
-        from tqdm import tqdm
+                write_pngs(frame[None], args.png_dir, start=made)
+            made += 1
+    h, w, _ = frame.shape
+    print(f"wrote {args.out}: {made} frames {w}x{h} @ {pipe.fps:g} fps in {time.perf_counter() - start:.1f} s "
+          f"(the first frame after {first:.1f} s)")
+    return 0
 
-        jobs = read_jobs(args.jobs, pipe)
-        results = []
-        with tqdm(total=len(jobs), desc="jobs", unit="job", disable=disable, file=sys.stderr) as bar, \
-                StepBars(disable) as bars:
-            def per_job(number: int, job: object) -> StepBars:
-                bars.prefix = f"line {number} "
-                return bars
 
-            for result in render(pipe, jobs, args.out_dir, per_job):
-                results.append(result)
-                bar.update()
+def _render(args: argparse.Namespace, pipe, disable: bool | None) -> int:
+    from tqdm import tqdm
+
+    from runtime.render import read_jobs, render
+
+    jobs = read_jobs(args.jobs, pipe)
+    results = []
+    with tqdm(total=len(jobs), desc="jobs", unit="job", disable=disable, file=sys.stderr) as bar, \
+            StepBars(disable) as bars:
+        def per_batch(numbers: list[int]) -> StepBars:
+            bars.prefix = f"line{'s' if len(numbers) > 1 else ''} {','.join(map(str, numbers))} "
+            return bars
+
+        for result in render(pipe, jobs, args.out_dir, per_batch, args.batch):
+            results.append(result)
+            bar.update()
     counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed", "busy")}
     print(f"{counts['done']} rendered, {counts['skipped']} already done, {counts['busy']} left to another run "
           f"that held them, {counts['failed']} failed; results in {args.out_dir}/results.jsonl")

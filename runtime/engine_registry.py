@@ -1,6 +1,7 @@
 """TensorRT plans of an artifact: what a plan is tied to, the `build.json` registry, and finding a plan to run.
 
     ARTIFACT/engines/<gpu>-sm<cc>-trt<version>/<stage>.<precision>.plan   (+ build.json beside the plans)
+    ARTIFACT/engines/<gpu>-sm<cc>-trt<version>/<stage>.<precision>.static-b<N>.plan   (--profile static --batch N)
 
 `walt-export engines` writes the plans and the registry; the runtime reads them. Both go through this module, which
 lives in `runtime/` because the runtime is the consumer of plans (and `runtime` never imports `walt_export`).
@@ -8,6 +9,12 @@ A plan's precision is its stage's precision policy applied to the requested one 
 `base.fp16.plan` but `text_encoder.fp32.plan`, docs/architecture.md §5). A plan runs only with the TensorRT build
 and the GPU it was built for: `check_plan` refuses any other and names the command that rebuilds it. TensorRT is
 passed in as a module (`import_tensorrt`), never imported at import time.
+
+Profiles (`EngineProfile`): dynamic plans take the manifest's batch range (1..8 rows); static ones are built with
+min = opt = max at one batch of N videos (the rows each stage takes for them, `rows_per_video`: 2N for the
+denoisers and the text encoder with classifier-free guidance, N for the tokenizer; other dynamic dims keep their
+range), the setting TensorRT recommends where memory is tight, as TensorRT sizes activation memory for a profile's
+largest shapes. Their file names differ and the registry keys on the profile, so the two never mix.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 from runtime.documents import read_model
 from runtime.errors import MissingDependencyError, UsageError
 from runtime.files import atomic_output
-from runtime.manifest import ArtifactError, Precision, RelativePath, artifact_path, sha256_of
+from runtime.manifest import ArtifactError, Precision, RelativePath, StageInfo, artifact_path, rows_per_video, sha256_of
 
 TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")  # in order of preference
 ENGINES = "engines"  # the artifact's subdirectory of per-target engine directories
@@ -84,6 +91,34 @@ class Target(_Schema):
         return f"{device}{sm}-{flavour}{self.version}"
 
 
+class EngineProfile(_Schema):
+    """The profile plans are built for: the manifest's (dynamic) or static at `static_batch` videos per call."""
+
+    static_batch: int | None = None  # videos per call of a static profile; None: dynamic
+
+    @classmethod
+    def of(cls, static_batch: int | None) -> EngineProfile:
+        return cls(static_batch=static_batch)
+
+    @property
+    def suffix(self) -> str:
+        """What the profile adds to a plan's file name: '' (dynamic) or '.static-b4'."""
+        return "" if self.static_batch is None else f".static-b{self.static_batch}"
+
+    @property
+    def flags(self) -> str:
+        """The `walt-export engines` flags that build it."""
+        return "" if self.static_batch is None else f" --profile static --batch {self.static_batch}"
+
+    def dims(self, stage: StageInfo) -> dict[str, tuple[int, int, int]]:
+        """The stage's dynamic dim -> (min, opt, max): the manifest's, with the batch fixed to the rows a batch of
+        `static_batch` videos takes (with guidance) when static."""
+        if self.static_batch is None:
+            return dict(stage.profile)
+        rows = rows_per_video(stage, guided=True) * self.static_batch
+        return {**stage.profile, "batch": (rows, rows, rows)}
+
+
 class EngineKey(_Schema):
     """Everything a plan depends on: a plan is reused only while all of it is unchanged."""
 
@@ -93,6 +128,7 @@ class EngineKey(_Schema):
     source_sha256: str
     attention: Attention | None  # denoisers: the variant compiled; None for stages without window attention
     profile: dict[str, tuple[int, int, int]]  # dynamic dim -> (min, opt, max)
+    static_batch: int | None = None  # EngineProfile.static_batch (None: dynamic)
     plugin_version: str | None  # the wattn plugin's version; None for stages without window attention
     target: Target
 
@@ -113,9 +149,9 @@ class Registry(_Schema):
     engines: dict[PlanFileName, EngineEntry] = {}
 
 
-def plan_name(stage: str, precision: Precision) -> str:
-    """The file name of a stage's plan of one precision: `<stage>.<precision>.plan`."""
-    return f"{stage}.{precision}.plan"
+def plan_name(stage: str, precision: Precision, profile: EngineProfile = EngineProfile()) -> str:
+    """The file name of a stage's plan of one precision and profile: `<stage>.<precision>[.static-b<N>].plan`."""
+    return f"{stage}.{precision}{profile.suffix}.plan"
 
 
 def check_engine_precision(precision: str) -> None:
@@ -157,12 +193,13 @@ def detect_target(trt: ModuleType) -> Target:
 
 
 def find_plan(artifact_dir: str | Path, stage: str, precision: Precision, trt: ModuleType,
-              requested: Precision | None = None) -> Path:
-    """`ARTIFACT/engines/<this machine's target>/<stage>.<precision>.plan`, checked by `check_plan`.
+              requested: Precision | None = None, profile: EngineProfile = EngineProfile()) -> Path:
+    """`ARTIFACT/engines/<this machine's target>/<stage>.<precision>[.static-b<N>].plan`, checked by `check_plan`.
 
     Args:
         precision: the plan's precision (the stage's policy applied to the requested one).
         requested: the precision asked for, named in the command that builds missing plans (default `precision`).
+        profile: which plans: dynamic, or static at one batch.
     Raises ArtifactError naming the `walt-export engines` command that builds the plan when it is missing, and
     which targets the artifact has engines for when they are another machine's; and when `stage` would put the
     plan outside the engine directory.
@@ -171,11 +208,11 @@ def find_plan(artifact_dir: str | Path, stage: str, precision: Precision, trt: M
     target = detect_target(trt)
     engines = artifact_dir / ENGINES
     out = engines / target.directory_name
-    plan = out / plan_name(stage, precision)
+    plan = out / plan_name(stage, precision, profile)
     if plan.parent != out:
         raise ArtifactError(f"the stage name {stage!r} gives a plan path outside {out} ({plan}); the artifact is "
                             "refused: re-export it")
-    build = f"`walt-export engines --artifacts {artifact_dir} --precision {requested or precision}`"
+    build = f"`walt-export engines --artifacts {artifact_dir} --precision {requested or precision}{profile.flags}`"
     if not out.is_dir():
         others = sorted(p.name for p in engines.iterdir() if p.is_dir()) if engines.is_dir() else []
         where = f"engines exist only for {', '.join(others)}" if others else "it has no engines"
@@ -201,13 +238,20 @@ def check_plan(plan: str | Path, trt: ModuleType, target: Target | None = None) 
     if entry is None or not plan.is_file():
         raise ArtifactError(f"{plan} is not a registered engine; build it with {rebuild}`")
     target = target or detect_target(trt)
-    rebuild += f" --precision {entry.precision if entry.precision in ENGINE_PRECISIONS else 'fp16'}`"
+    rebuild += f" --precision {entry.precision if entry.precision in ENGINE_PRECISIONS else 'fp16'}" \
+               f"{EngineProfile.of(entry.static_batch).flags}`"
     if entry.target != target:
         raise ArtifactError(f"{plan.name} was built for {entry.target.directory_name}, this machine is "
                             f"{target.directory_name}; rebuild with {rebuild}")
     if sha256_of(plan) != entry.plan_sha256:
         raise ArtifactError(f"{plan} does not match its build.json (modified or truncated); rebuild it with {rebuild}")
     return entry
+
+
+def batch_profile(plans: dict[str, Path]) -> dict[str, tuple[int, int]]:
+    """stage -> (min, max) batch rows of its plan (checked plans, `find_plan`), as their registry records it."""
+    entries = {name: read_registry(plan.parent).engines[plan.name] for name, plan in plans.items()}
+    return {name: (entry.profile["batch"][0], entry.profile["batch"][2]) for name, entry in entries.items()}
 
 
 def read_registry(out: Path) -> Registry:

@@ -140,6 +140,12 @@ class StageInfo(_Schema):
         raise ArtifactError(f"no {precision}/{variant} file for {self.module} (this artifact has: {have}); {how}")
 
 
+def rows_per_video(stage: StageInfo, guided: bool) -> int:
+    """Batch rows one video takes in a stage: 2 in a denoiser with classifier-free guidance (its conditional and
+    unconditional rows, one call) and always in the text encoder (the prompt and the empty prompt); else 1."""
+    return 2 if stage.module == "text_encoder" or (guided and stage.denoiser is not None) else 1
+
+
 class LatentInfo(_Schema):
     """The tokenizer's latent of one clip, and how video frames and pixels map to it."""
 

@@ -3,7 +3,8 @@
 Every value of every line is validated against the artifact before anything runs (`Job` is a `Request` plus its
 output; `Pipeline.check` as for `generate`; a bad line is reported with its number and reason). Finished outputs are
 skipped, so a killed run resumes where it stopped; outputs are written atomically, so no partial mp4 is ever left
-under its final name.
+under its final name. With `--batch N`, compatible jobs are generated N at a time (`render`), each still locked,
+skipped and written on its own.
 
 Several `render` runs may share one output directory, on one machine or on several sharing a filesystem
 (docs/architecture.md §10): a run renders a job only while it holds the job's lock (`OUT/.locks/OUTPUT.lock`,
@@ -15,10 +16,12 @@ failed, appended under its own lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -28,6 +31,7 @@ from runtime.errors import RequestError, WaltExportError, describe_validation
 from runtime.files import exclusive, remove_stale, try_lock
 from runtime.pipeline import Pipeline, Progress
 from runtime.request import Request
+from runtime.video import mp4_writer
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,9 @@ class JobResult(BaseModel):
     prompt: str | None = None
     class_id: int | None = None
     seed: int
-    seconds: float | None = None  # done: wall time of the generation and encoding
+    seconds: float | None = None  # done: wall time of the generation and encoding (of its whole batch)
     frames: int | None = None  # done: frames written
+    batch: int | None = None  # done: videos generated together with it, itself included (`render --batch`)
     reason: str | None = None  # skipped, busy: why
     error: str | None = None  # failed: the exception
     time: str = ""  # when the line was written, ISO 8601 local time
@@ -113,44 +118,92 @@ def read_jobs(path: str | Path, pipeline: Pipeline) -> list[tuple[int, Job]]:
 
 
 def render(pipeline: Pipeline, jobs: list[tuple[int, Job]], out_dir: str | Path,
-           progress: Callable[[int, Job], Progress | None] | None = None) -> Iterator[JobResult]:
-    """Run the jobs whose output does not exist yet and that no other run holds, one at a time as the iterator is
-    consumed; appends the result of each job it finished, skipped or failed to `out_dir/results.jsonl` and yields
-    one result per job (busy ones included).
+           progress: Callable[[Sequence[int]], Progress | None] | None = None, batch: int = 1) -> Iterator[JobResult]:
+    """Run the jobs whose output does not exist yet and that no other run holds, as the iterator is consumed;
+    appends the result of each job it finished, skipped or failed to `out_dir/results.jsonl` and yields one result
+    per job (busy ones included).
 
-    A job that raises is recorded as failed (with its traceback in the log) and the batch goes on.
+    With `batch` > 1, jobs that can share a batch (`GenerationPlan.batch_key`: same length, steps, guidance, image or
+    not) are generated `batch` at a time in file order, each video streamed into its own mp4 as it is decoded; a
+    group of fewer (the last of its kind) runs as it is. Each job is still locked, skipped when done, and written
+    atomically on its own: a killed batch leaves none of its videos, and the next run redoes only those.
+
+    Args:
+        progress: called with the line numbers of each batch, returns its Progress callback (or None).
+    A batch that raises is recorded as failed for each of its jobs (with the traceback in the log) and the run
+    goes on.
     """
     out_dir = Path(out_dir)
-    for number, job in jobs:
-        target = out_dir / job.output
-        result = {"line": number, "output": str(target), "prompt": job.prompt, "class_id": job.class_id,
-                  "seed": job.seed}
-        lock = try_lock(out_dir / LOCKS / f"{job.output}.lock")
-        if lock is None:
-            yield JobResult(**result, status="busy", reason="another run holds it")
-            continue
-        try:
+    waiting: dict[tuple, list[_Held]] = {}  # batch key -> locked jobs to render together
+    try:
+        for number, job in jobs:
+            target = out_dir / job.output
+            lock = try_lock(out_dir / LOCKS / f"{job.output}.lock")
+            if lock is None:
+                yield JobResult(**_identity(number, job, target), status="busy", reason="another run holds it")
+                continue
             remove_stale(target)  # a killed run's partial file: nobody else holds this job
             if target.exists():
-                result |= {"status": "skipped", "reason": "already rendered"}
-            else:
-                result |= _render_one(pipeline, job, target, progress(number, job) if progress else None)
-            finished = _append(out_dir, JobResult(**result, time=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        finally:
-            lock.release()
-        yield finished
+                try:
+                    yield _append(out_dir, JobResult(**_identity(number, job, target), status="skipped",
+                                                     reason="already rendered", time=_now()))
+                finally:
+                    lock.release()
+                continue
+            key = pipeline.check(job).batch_key
+            waiting.setdefault(key, []).append(_Held(number, job, target, lock))
+            if len(waiting[key]) == batch:
+                yield from _render_batch(pipeline, waiting.pop(key), out_dir, progress)
+        while waiting:
+            yield from _render_batch(pipeline, waiting.pop(next(iter(waiting))), out_dir, progress)
+    finally:  # the iterator was closed early: free the jobs it held
+        for group in waiting.values():
+            for held in group:
+                held.lock.release()
 
 
-def _render_one(pipeline: Pipeline, job: Job, target: Path, progress: Progress | None) -> dict:
+@dataclass(frozen=True)
+class _Held:
+    """A job this run holds the lock of, waiting for its batch."""
+
+    number: int
+    job: Job
+    target: Path
+    lock: object  # filelock.FileLock
+
+
+def _identity(number: int, job: Job, target: Path) -> dict:
+    return {"line": number, "output": str(target), "prompt": job.prompt, "class_id": job.class_id, "seed": job.seed}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _render_batch(pipeline: Pipeline, group: list[_Held], out_dir: Path,
+                  progress: Callable[[Sequence[int]], Progress | None] | None) -> Iterator[JobResult]:
+    """Generate a group of jobs as one batch, each streamed into its mp4; one result per job, then its lock is
+    released."""
     start = time.perf_counter()
     try:
-        video = pipeline.generate(job.prompt, class_id=job.class_id, seed=job.seed, steps=job.steps,
-                                  guidance=job.guidance, frames=job.frames, image=job.image, progress=progress)
-        video.save(target)
-    except Exception as e:  # one bad job must not stop the batch
-        log.exception("job %s failed", job.output)
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    return {"status": "done", "seconds": round(time.perf_counter() - start, 3), "frames": int(video.frames.shape[0])}
+        try:
+            frames = [0] * len(group)
+            with contextlib.ExitStack() as stack:
+                writers = [stack.enter_context(mp4_writer(held.target, pipeline.fps)) for held in group]
+                callback = progress([held.number for held in group]) if progress else None
+                for index, chunk in pipeline.stream_batch([held.job for held in group], callback):
+                    writers[index](chunk)
+                    frames[index] += len(chunk)
+            seconds = round(time.perf_counter() - start, 3)
+            outcome = [{"status": "done", "seconds": seconds, "frames": n, "batch": len(group)} for n in frames]
+        except Exception as e:  # one bad batch must not stop the run
+            log.exception("jobs %s failed", ", ".join(held.job.output for held in group))
+            outcome = [{"status": "failed", "error": f"{type(e).__name__}: {e}"}] * len(group)
+        for held, result in zip(group, outcome, strict=True):
+            yield _append(out_dir, JobResult(**_identity(held.number, held.job, held.target), **result, time=_now()))
+    finally:
+        for held in group:
+            held.lock.release()
 
 
 def _append(out_dir: Path, result: JobResult) -> JobResult:

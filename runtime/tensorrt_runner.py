@@ -111,8 +111,14 @@ def _check_shape(tensor: EngineTensor, shape: Shape, engine: str) -> None:
     if tensor.profile is not None:
         low, _, high = tensor.profile
         if not all(lo <= s <= hi for s, lo, hi in zip(shape, low, high, strict=True)):
+            if low[0] == high[0] and shape[0] != low[0]:  # a static batch (walt-export engines --profile static)
+                how = (f"it was built with a static profile at batch {low[0]}: rebuild the plans with `walt-export "
+                       "engines --artifacts DIR --profile static --batch N` for N videos per call (the denoisers and "
+                       "the text encoder take 2N rows, the tokenizer N), or with `--profile dynamic`")
+            else:
+                how = "the manifest's profile: export and build for other sizes"
             raise ValueError(f"{engine}: input {tensor.name!r} has shape {shape}, outside the engine's profile "
-                             f"{low} .. {high} (the manifest's profile: export and build for other sizes)")
+                             f"{low} .. {high} ({how})")
 
 
 def buffer_plan(tensors: Sequence[EngineTensor], shapes: Mapping[str, Shape],
@@ -235,6 +241,16 @@ class TensorRTRunner:
     def allocated(self) -> dict[str, int]:
         """Bytes allocated on the device per input and output (they only grow; freed by `__exit__`)."""
         return {name: nbytes for name, (_, nbytes) in self._buffers.items()}
+
+    @property
+    def device_memory(self) -> tuple[int, int]:
+        """(activation bytes of the execution context, bytes of the plan): what the engine says it needs on the
+        device (`ICudaEngine.device_memory_size_v2`, TensorRT >= 10; the plan holds the weights it loads), for
+        `runtime.memory`. Inputs and outputs (`allocated`) come on top."""
+        engine = self._engine
+        activations = engine.device_memory_size_v2 if hasattr(engine, "device_memory_size_v2") else \
+            engine.device_memory_size
+        return int(activations), self.path.stat().st_size
 
     # ------------------------------------------------------------------------------------------------ inference
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
-"""Video files: frames (T, H, W, 3) uint8 <-> H.264 mp4 through PyAV, and PNG frames; written atomically. The
-first-frame image of image-to-video is read with Pillow.
+"""Video files: frames (T, H, W, 3) uint8 <-> H.264 mp4 through PyAV (written whole, or streamed as frames come:
+`mp4_writer`), and PNG frames; written atomically. The first-frame image of image-to-video is read with Pillow.
 
 An output is written under a temporary name beside its target and renamed when complete, so a killed run never
 leaves a partial or corrupt file under the final name.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -43,22 +45,45 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float, crf: int = CRF) -> Path:
     """Encode frames (T, H, W, 3) uint8 RGB as H.264 (yuv420p) at `fps` into `path`; returns the path."""
+    with mp4_writer(path, fps, crf) as write:
+        write(frames)
+    return Path(path)
+
+
+@contextmanager
+def mp4_writer(path: str | Path, fps: float, crf: int = CRF) -> Iterator[Callable[[np.ndarray], None]]:
+    """A function that appends frames (n, H, W, 3) uint8 RGB to an H.264 (yuv420p) mp4 at `fps`, encoding them as
+    they come (a long video is never held whole); the file gets its name `path` when the block ends without an
+    error, and is discarded otherwise (`runtime.files.atomic_output`).
+
+    Every call must give frames of the size of the first. Raises ValueError for frames of another shape or dtype,
+    and when the block wrote no frame."""
     import av
 
-    frames = _check_frames(frames)
     rate = Fraction(fps).limit_denominator(1001)
-    with atomic_output(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=rate)
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
+    with atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = None
+
+        def write(frames: np.ndarray) -> None:
+            nonlocal stream
+            frames = _check_frames(frames)
+            if stream is None:
+                stream = container.add_stream("libx264", rate=rate)
+                stream.width, stream.height = frames.shape[2], frames.shape[1]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(crf), "preset": "medium"}
+            elif frames.shape[1:3] != (stream.height, stream.width):
+                raise ValueError(f"frames of {frames.shape[2]}x{frames.shape[1]} after frames of "
+                                 f"{stream.width}x{stream.height}: one video has one size")
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-    return Path(path)
+
+        yield write
+        if stream is None:
+            raise ValueError(f"{path}: no frames were written")
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float, str]:
@@ -71,13 +96,13 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float, str]:
         return frames, float(stream.average_rate), stream.codec_context.name
 
 
-def write_pngs(frames: np.ndarray, directory: str | Path, stem: str = "frame") -> list[Path]:
-    """One PNG per frame, `stem_0000.png`, ..., each written atomically."""
+def write_pngs(frames: np.ndarray, directory: str | Path, stem: str = "frame", start: int = 0) -> list[Path]:
+    """One PNG per frame, `stem_0000.png`, ... (numbered from `start`), each written atomically."""
     import av
 
     frames = _check_frames(frames)
     paths = []
-    for i, frame in enumerate(frames):
+    for i, frame in enumerate(frames, start):
         path = Path(directory) / f"{stem}_{i:04d}.png"
         with atomic_output(path) as tmp:
             with av.open(str(tmp), mode="w", format="image2") as container:

@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
                          help="TensorRT workspace limit in GiB, > 0 (default: TensorRT's; Jetson: keep it small)")
     engines.add_argument("--timing-cache",
                          help="a timing-cache file, read and updated (full TensorRT; TensorRT-RTX has none)")
+    engines.add_argument("--profile", choices=("dynamic", "static"), default="dynamic",
+                         help="dynamic (default: batch 1..8 rows, the manifest's profile) or static: min = opt = max "
+                              "at --batch N videos per call (2N rows for the denoisers and the text encoder, N for the "
+                              "tokenizer), less activation memory, for edge devices; run them with `python -m runtime "
+                              "... --backend tensorrt --static-batch N`")
+    engines.add_argument("--batch", type=parse_as(Count), metavar="N",
+                         help="videos per call of a static profile (with --profile static)")
 
     score = sub.add_parser("score", help="prompt adherence: generate world prompts with fixed seeds and print the "
                                          "colour, shape and direction accuracy, and the tokenizer's PSNR",
@@ -219,9 +226,11 @@ def _engines(args: argparse.Namespace) -> int:
     from runtime.manifest import read_manifest
     from walt_export.engine_build import build_engines
 
+    if (args.profile == "static") != (args.batch is not None):
+        raise UsageError("--profile static needs --batch N (videos per call), and --batch goes with --profile static")
     before = read_manifest(args.artifacts).precisions
     out, decisions = build_engines(args.artifacts, args.precision, args.attention, args.workspace_gb,
-                                   args.timing_cache)
+                                   args.timing_cache, static_batch=args.batch)
     if "fp16" in read_manifest(args.artifacts).precisions - before:
         print(f"derived FP16 ONNX files from the FP32 ones (the artifact was exported without --fp16) and listed "
               f"them in {Path(args.artifacts) / 'manifest.json'}")

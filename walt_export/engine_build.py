@@ -45,6 +45,7 @@ from runtime.engine_registry import (
     Attention,
     EngineEntry,
     EngineKey,
+    EngineProfile,
     check_engine_precision,
     detect_target,
     import_tensorrt,
@@ -80,21 +81,24 @@ class EngineBuildError(WaltExportError, RuntimeError):
     """The ONNX parser or the builder refused a model; the message carries TensorRT's own errors."""
 
 
-def profile_shapes(stage: StageInfo) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """input name -> (min, opt, max) shapes, from the stage's dynamic-dim profile."""
-    dims = [{name: bounds[i] for name, bounds in stage.profile.items()} for i in range(3)]
+def profile_shapes(stage: StageInfo, profile: EngineProfile = EngineProfile()
+                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """input name -> (min, opt, max) shapes, from the stage's dynamic-dim profile (`EngineProfile.dims`)."""
+    bounds = profile.dims(stage)
+    dims = [{name: dim[i] for name, dim in bounds.items()} for i in range(3)]
     return {t.name: tuple(t.concrete(d) for d in dims) for t in stage.inputs}  # type: ignore[misc]
 
 
 def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None = None,
                  workspace_bytes: int | None = None, fp16_flag: bool = False,
-                 timing_cache: str | Path | None = None) -> bytes:
+                 timing_cache: str | Path | None = None, profile: EngineProfile = EngineProfile()) -> bytes:
     """Parse `onnx_path` (external data beside it) and build a serialized engine for the stage's profile.
 
     Built with Polygraphy's loaders (NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork), for
     TensorRT or TensorRT-RTX alike.
 
     Args:
+        profile: the manifest's dynamic profile, or static at one batch (`EngineProfile`).
         fp16_flag: TensorRT 10.x only: a weakly typed network with the FP16 builder flag (FP32 ONNX in, FP16
             kernels allowed). Otherwise the network is strongly typed: the ONNX file's types are the engine's.
         timing_cache: a file read before the build (if it exists) and written back after it (full TensorRT).
@@ -102,7 +106,7 @@ def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None
     trt = trt or import_tensorrt()
     loaders, logger = _polygraphy(trt)
     profile = loaders.Profile()
-    for name, (low, opt, high) in profile_shapes(stage).items():
+    for name, (low, opt, high) in profile_shapes(stage, profile).items():
         profile.add(name, low, opt, high)
     if timing_cache is not None and trt.__name__ == "tensorrt_rtx":
         log.warning("ignoring the timing cache %s: TensorRT-RTX has none (its timing-cache calls are no-ops)",
@@ -205,8 +209,12 @@ def source_file(stage: StageInfo, requested: Precision, attention: str, trt: Mod
 
 def build_engines(directory: str | Path, precision: Precision = "fp16", attention: str = "auto",
                   workspace_gb: float | None = None, timing_cache: str | Path | None = None,
-                  trt: ModuleType | None = None) -> tuple[Path, list[EngineDecision]]:
+                  trt: ModuleType | None = None, static_batch: int | None = None) -> tuple[Path, list[EngineDecision]]:
     """Build (or reuse) one engine per stage; returns the engine directory and one decision per stage.
+
+    `static_batch` N builds static plans (min = opt = max at N videos per call: 2N rows for the denoisers and the
+    text encoder, N for the tokenizer; `runtime.engine_registry.EngineProfile`) named `<stage>.<precision>.static-bN.plan`,
+    beside the dynamic ones; the runtime runs them with `--static-batch N`.
 
     For FP16 engines with a strongly typed TensorRT (11, TensorRT-RTX), stages whose policy allows FP16 but that have
     no FP16 files (an artifact exported without `--fp16`) get them first (`add_fp16_files`).
@@ -222,6 +230,10 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
     if attention not in ATTENTION:
         raise UsageError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     workspace_bytes = _workspace(workspace_gb)
+    if static_batch is not None and (not isinstance(static_batch, int) or static_batch < 1):
+        raise UsageError(f"static_batch (--batch) is the number of videos per call, an integer >= 1, got "
+                         f"{static_batch!r}")
+    profile = EngineProfile.of(static_batch)
     read_manifest(directory)  # an artifact directory, before its lock file is made beside it
     trt = trt or import_tensorrt()
     if attention == "plugin":
@@ -249,9 +261,9 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
             check_file(directory, model)
             wanted = EngineKey(stage=name, precision=plan_precision, source_file=model.file,
                                source_sha256=model.sha256, attention=variant,
-                               profile=stage.profile,
+                               profile=profile.dims(stage), static_batch=static_batch,
                                plugin_version=PLUGIN_VERSION if stage.has_window_attention else None, target=target)
-            plan = out / plan_name(name, plan_precision)
+            plan = out / plan_name(name, plan_precision, profile)
             remove_stale(plan)
             reason = _rebuild_reason(registry.engines.get(plan.name), wanted, plan)
             if reason is None:
@@ -260,7 +272,8 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
                 continue
             log.info("%s: building %s (%s)", name, plan.name, reason)
             start = time.perf_counter()
-            serialized = build_engine(directory / model.file, stage, trt, workspace_bytes, fp16_flag, timing_cache)
+            serialized = build_engine(directory / model.file, stage, trt, workspace_bytes, fp16_flag, timing_cache,
+                                      profile)
             with atomic_output(plan) as tmp:  # makes engines/<target>/ with the first plan
                 tmp.write_bytes(serialized)
             entry = EngineEntry(**wanted.model_dump(), plan=plan.name, plan_sha256=sha256_of(plan),

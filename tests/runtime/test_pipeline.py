@@ -16,10 +16,13 @@ import pytest
 from runtime.compare import Tolerance, assert_close
 from runtime.manifest import ArtifactError
 from runtime.pipeline import Pipeline
-from runtime.video import read_video
+from runtime.request import Request
+from runtime.video import read_video, to_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 LATENT_TOL = Tolerance(atol=1e-4, rtol=1e-4)  # onnxruntime vs PyTorch through 3 steps x 3 stages x 2 clips
+BATCH_TOL = Tolerance(atol=1e-4, rtol=1e-4)  # one backend at batch 8 vs 2 rows: kernels block differently
+FRAME_LEVELS = 1  # uint8 levels two decodes of one latent may differ by (rounding of float32 differences)
 STEPS = 3
 
 
@@ -47,6 +50,75 @@ def test_onnxruntime_and_pytorch_give_the_same_latents_and_frames(micro_artifact
         for clip, (a, e) in enumerate(zip(actual.latents[stage], expected.latents[stage], strict=True)):
             assert_close(a, e, LATENT_TOL, f"{stage} latent of clip {clip}")
     assert np.abs(actual.frames.astype(int) - expected.frames).max() <= 1  # rounding to uint8
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_batch_gives_the_videos_of_single_calls(micro_artifacts, backend):
+    """Five two-clip videos in one call: batches of 4 and 1 (the manifest's profile: 8 rows, 2 per guided video),
+    each video equal to the single call with its seed, whatever its neighbours (two share a prompt)."""
+    from walt_export.torch_runner import torch_pipeline
+
+    directory, _ = micro_artifacts
+    prompts, seeds = ["a red bicycle", "a cat", "waves", "a red bicycle", "a boat"], [7, 1, 2, 8, 3]
+    with (Pipeline.from_artifacts(directory) if backend == "onnxruntime" else torch_pipeline(directory)) as pipe:
+        assert pipe.videos_per_batch(pipe.check(Request(prompt="x"))) == (1, 4)
+        batch = pipe.generate(prompts, seed=seeds, steps=2, frames=13)
+        assert pipe.timings["base"].calls == 2 * 2 * 2  # (4 + 1 videos) x 2 clips x 2 steps
+        singles = [pipe.generate(p, seed=s, steps=2, frames=13) for p, s in zip(prompts, seeds, strict=True)]
+    for i, (got, expected) in enumerate(zip(batch, singles, strict=True)):
+        for stage in ("base", "sr1", "sr2"):
+            for clip in range(2):
+                assert_close(got.latents[stage][clip], expected.latents[stage][clip], BATCH_TOL,
+                             f"video {i} ({backend}), {stage} latent of clip {clip}")
+        assert np.abs(got.frames.astype(int) - expected.frames).max() <= FRAME_LEVELS, f"video {i} ({backend})"
+
+
+def test_streamed_decoding_equals_the_whole_clip_decode(micro_artifacts):
+    """The decoder runs one latent frame at a time (the first through tokenizer_decoder, the rest through
+    tokenizer_decoder_step), and stream() yields the frames generate() returns."""
+    directory, _ = micro_artifacts
+    with Pipeline.from_artifacts(directory) as pipe:
+        video = pipe.generate("a boat", seed=0, steps=2)
+        calls = (pipe.timings["tokenizer_decoder"].calls, pipe.timings["tokenizer_decoder_step"].calls)
+        whole = to_frames(pipe.runner("tokenizer_decoder").infer({"latent": video.latents["sr2"][0]})["video"])
+        streamed = np.stack(list(pipe.stream("a boat", seed=0, steps=2)))
+    assert calls == (1, 2)  # 3 latent frames: 1 + 2 chunks
+    assert np.abs(video.frames.astype(int) - whole).max() <= FRAME_LEVELS  # rounding of the chunked convolutions
+    np.testing.assert_array_equal(streamed, video.frames)
+
+
+def test_streaming_holds_a_chunk_not_the_video(micro_artifacts):
+    """The numpy memory a stream holds does not grow with the video's length (5 clips against 1)."""
+    import tracemalloc
+
+    directory, _ = micro_artifacts
+    with Pipeline.from_artifacts(directory) as pipe:
+        peaks = {}
+        for frames in (9, 25):
+            tracemalloc.start()
+            count = sum(1 for _ in pipe.stream("waves", seed=3, steps=1, frames=frames))
+            peaks[frames] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert count == frames
+    video_bytes = 25 * 3 * 128 * 128 * 4  # the float32 video of 25 frames, which the old decode held (twice)
+    assert peaks[25] < peaks[9] + video_bytes / 4, peaks
+
+
+def test_low_memory_mode_gives_the_same_video_holding_no_runner_between_stages(micro_artifacts):
+    directory, _ = micro_artifacts
+    with Pipeline.from_artifacts(directory) as pipe:
+        expected = pipe.generate("waves", seed=3, steps=2, frames=13)
+    with Pipeline.from_artifacts(directory, low_memory=True, memory_report=True) as pipe:
+        video = pipe.generate("waves", seed=3, steps=2, frames=13)
+        assert pipe._runners == {}  # each released after its stage
+        report = pipe.memory.report()
+    np.testing.assert_array_equal(video.frames, expected.frames)
+    opens = {s.stage: s.opens for s in report.stages}
+    assert opens == {"text_encoder": 1, "base": 2, "sr1": 2, "sr2": 2, "tokenizer_decoder": 1,
+                     "tokenizer_decoder_step": 2, "tokenizer_encoder": 1}  # two clips: every denoiser twice
+    # micro's models are too small to measure (RSS moves by pages the allocator reuses); BENCHMARKS.md has tiny's
+    assert all(s.opened >= 0 and s.peak > 0 for s in report.stages), report.table()
+    assert report.peak >= max(s.peak for s in report.stages)
 
 
 def test_onnxruntime_runs_the_attention_variant_where_there_is_one(micro_artifacts):
@@ -111,6 +183,22 @@ def test_generate_cli_writes_an_h264_mp4_without_torch(micro_artifacts, tmp_path
     assert frames.shape == (9, 128, 128, 3) and fps == 8.0 and codec == "h264"
     assert len(list((tmp_path / "png").glob("frame_*.png"))) == 9
     assert "torch" not in result.stderr
+
+
+def test_generate_cli_streams_a_long_video_in_low_memory_mode_with_a_memory_report(micro_artifacts, tmp_path):
+    directory, _ = micro_artifacts
+    out, report = tmp_path / "long.mp4", tmp_path / "memory.json"
+    result = runtime_cli("generate", "--artifacts", str(directory), "--prompt", "waves", "--out", str(out),
+                         "--steps", "1", "--frames", "29", "--low-memory", "--memory-report", str(report), "-q",
+                         block_torch=True)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"wrote .*long\.mp4: 29 frames 128x128 @ 8 fps in [0-9.]+ s \(the first frame after [0-9.]+ s\)",
+                     result.stdout), result.stdout
+    frames, fps, codec = read_video(out)
+    assert frames.shape == (29, 128, 128, 3) and codec == "h264"
+    stages = {s["stage"]: s for s in json.loads(report.read_text())["stages"]}
+    assert stages["base"]["opens"] == 6  # six clips, each denoiser opened for each
+    assert "process peak RSS" in result.stdout  # the table
 
 
 def test_tampered_or_missing_artifacts_are_refused(micro_artifacts, tmp_path):

@@ -74,6 +74,39 @@ def test_a_run_killed_while_another_renders_is_taken_over(micro_artifacts, tmp_p
     _check_every_job_done_once(out)
 
 
+def test_batches_of_compatible_jobs_render_each_job_once_and_resume_after_kill_9(micro_artifacts, tmp_path):
+    """`render --batch 3` over 7 jobs, one of another length: lines 1, 2, 4 and 5, 6, 7 run as batches of 3, line 3
+    alone. Killed during the second batch, the rerun redoes only its jobs, and every job is done once in all."""
+    directory, _ = micro_artifacts
+    jobs, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    jobs.write_text("".join(json.dumps({"prompt": f"clip {i}", "seed": i, "steps": 150, "output": f"c{i}.mp4"}
+                                       | ({"frames": 13} if i == 3 else {})) + "\n" for i in range(1, 8)))
+    args = ["render", "--artifacts", str(directory), "--jobs", str(jobs), "--out-dir", str(out), "--progress", "off",
+            "--batch", "3"]
+    victim = subprocess.Popen(kill_trials._command(*args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "c4.mp4").exists() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the second batch
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    first = sorted(p.name for p in out.glob("c*.mp4"))
+    assert first == ["c1.mp4", "c2.mp4", "c4.mp4"], (first, victim.stderr.read())  # a batch is written whole
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in first}
+    rerun = subprocess.run(kill_trials._command(*args), cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert {name: (out / name).stat().st_mtime_ns for name in first} == mtimes  # not redone
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    done = {Path(r["output"]).name: r for r in lines if r["status"] == "done"}
+    assert sorted(done) == [f"c{i}.mp4" for i in range(1, 8)] and len(done) == 7 == len(
+        [r for r in lines if r["status"] == "done"])  # each once, in all
+    assert [done[f"c{i}.mp4"]["batch"] for i in range(1, 8)] == [3, 3, 1, 3, 3, 3, 3]
+    for i in range(1, 8):
+        assert read_video(out / f"c{i}.mp4")[0].shape[0] == (13 if i == 3 else 9), f"c{i}.mp4"
+    assert kill_trials._hidden(out, allowed=(".locks",)) == []
+
+
 def test_kill_trials_of_render_and_generate(micro_artifacts, tmp_path):
     directory, _ = micro_artifacts
     rng = random.Random(1)

@@ -63,11 +63,16 @@ def test_the_artifact_checks_run_before_any_model(micro_artifacts):
             ({"steps": {"bsae": 3}}, "steps: no denoiser 'bsae' in this artifact; its denoisers are base, sr1, sr2"),
             ({"guidance": {"sr3": 2.0}}, "guidance: no denoiser 'sr3'"),
             ({"steps": 5000}, "steps=5000 for base is not in [1, 1000]"),
-            ({"frames": 9 + 4 * 10**9}, "GiB for the decoded video at 128x128"),
+            ({"frames": 9 + 4 * 10**9}, "GiB for the frames generate returns at 128x128"),
             ({"image": "/nonexistent.png"}, "no image at /nonexistent.png"),
         ]:
             with pytest.raises(RequestError, match=says.replace("[", r"\[").replace("]", r"\]")):
                 pipe.generate("a cat", **values)
+        with pytest.raises(RequestError, match="a batch takes lists of one length, one value per video"):
+            pipe.generate(["a cat", "a dog"], seed=[1, 2, 3])
+        with pytest.raises(RequestError, match="the videos of one batch share their length"):
+            pipe.generate(["a cat", "a dog"], image=[None, np.zeros((128, 128, 3), np.uint8)])
+        pipe.stream("a cat", frames=9 + 4 * 10**9)  # streamed: no frames are held, so no memory limit
         assert pipe._runners == {}  # nothing was opened, let alone run
 
 

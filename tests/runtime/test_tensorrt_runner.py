@@ -97,6 +97,19 @@ def test_shapes_must_fit_the_engine_and_its_profile():
         check_feeds(SPECS, feeds(9), PLAN)
 
 
+def test_a_static_profile_refuses_another_batch_saying_how_to_rebuild():
+    """A plan of `walt-export engines --profile static --batch 1`: min = opt = max = 2 rows (CFG)."""
+    static = [EngineTensor(t.name, t.is_input, t.dtype, t.shape, t.profile and tuple((2, *s[1:]) for s in t.profile))
+              for t in SPECS]
+    assert check_feeds(static, feeds(2), PLAN)["latent"].shape == (2, *LATENT)
+    for batch in (1, 4):
+        with pytest.raises(ValueError, match=re.escape(
+                f"input 'latent' has shape ({batch}, 8, 3, 4, 4), outside the engine's profile (2, 8, 3, 4, 4) .. "
+                "(2, 8, 3, 4, 4) (it was built with a static profile at batch 2: rebuild the plans with `walt-export "
+                "engines --artifacts DIR --profile static --batch N` for N videos per call")):
+            check_feeds(static, feeds(batch), PLAN)
+
+
 def test_feeds_come_back_contiguous_without_needless_copies():
     given = feeds(2) | {"unused": np.zeros(3)}
     given["latent"] = np.asfortranarray(given["latent"])
