@@ -105,9 +105,9 @@ def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None
     """
     trt = trt or import_tensorrt()
     loaders, logger = _polygraphy(trt)
-    profile = loaders.Profile()
+    optimization_profile = loaders.Profile()
     for name, (low, opt, high) in profile_shapes(stage, profile).items():
-        profile.add(name, low, opt, high)
+        optimization_profile.add(name, low, opt, high)
     if timing_cache is not None and trt.__name__ == "tensorrt_rtx":
         log.warning("ignoring the timing cache %s: TensorRT-RTX has none (its timing-cache calls are no-ops)",
                     timing_cache)
@@ -116,7 +116,7 @@ def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None
     with _polygraphy_errors(logger, f"TensorRT could not build an engine from {Path(onnx_path).name}"):
         network = loaders.NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
         config = loaders.CreateConfig(
-            fp16=fp16_flag, profiles=[profile],
+            fp16=fp16_flag, profiles=[optimization_profile],
             memory_pool_limits=None if workspace_bytes is None else {trt.MemoryPoolType.WORKSPACE: workspace_bytes},
             load_timing_cache=str(timing_cache) if timing_cache and Path(timing_cache).is_file() else None,
         )

@@ -15,7 +15,7 @@ import pytest
 
 from runtime.compare import Tolerance, assert_close
 from runtime.manifest import ArtifactError
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, split_batch
 from runtime.request import Request
 from runtime.video import read_video, to_frames
 
@@ -71,6 +71,14 @@ def test_a_batch_gives_the_videos_of_single_calls(micro_artifacts, backend):
                 assert_close(got.latents[stage][clip], expected.latents[stage][clip], BATCH_TOL,
                              f"video {i} ({backend}), {stage} latent of clip {clip}")
         assert np.abs(got.frames.astype(int) - expected.frames).max() <= FRAME_LEVELS, f"video {i} ({backend})"
+
+
+def test_batches_are_split_to_the_profile_and_padded_to_a_static_one():
+    assert split_batch(7, 1, 4) == [(4, 4), (3, 3)]  # dynamic 1..8 rows, guided: 4 videos at most
+    assert split_batch(5, 2, 2) == [(2, 2), (2, 2), (1, 2)]  # static: the last one padded
+    assert split_batch(1, 3, 3) == [(1, 3)]
+    with pytest.raises(ValueError, match=r"no batch size fits \[4, 2\]"):
+        split_batch(3, 4, 2)
 
 
 def test_streamed_decoding_equals_the_whole_clip_decode(micro_artifacts):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from runtime.engine_registry import BUILD_JSON, Target, check_plan, detect_target, find_plan, read_registry
-from runtime.errors import UsageError
+from runtime.errors import RequestError, UsageError
 from runtime.files import BusyError, artifact_lock
 from runtime.manifest import ArtifactError, check_file, read_manifest, sha256_of
 from walt_export.engine_build import EngineBuildError, build_engines, network_layers
@@ -131,6 +131,40 @@ def test_the_runtime_finds_the_plans_of_this_machine(built):
     with pytest.raises(ArtifactError, match=r"no base\.int8\.plan in .* build it with `walt-export engines "
                                             r"--artifacts .* --precision int8`"):
         find_plan(artifact, "base", "int8", trt)
+
+
+def test_static_profile_plans_sit_beside_the_dynamic_ones_and_fix_the_batch(built):
+    """`--profile static --batch 2`: 4 rows (2 videos with guidance) in the denoisers and the text encoder, 2 in the
+    tokenizer, min = opt = max; own file names and registry entries, so the dynamic plans stay and are reused."""
+    from runtime.pipeline import Pipeline
+    from runtime.request import Request
+
+    artifact, out, _, _ = built
+    dynamic = {p.name: sha256_of(p) for p in out.glob("*.plan")}
+    _, decisions = build_engines(artifact, "fp16", trt=trt, static_batch=2)
+    assert [d.plan.name for d in decisions if d.built] == [
+        "text_encoder.fp32.static-b2.plan", "base.fp16.static-b2.plan", "sr1.fp16.static-b2.plan",
+        "sr2.fp16.static-b2.plan", "tokenizer_encoder.fp16.static-b2.plan", "tokenizer_decoder.fp16.static-b2.plan",
+        "tokenizer_decoder_step.fp16.static-b2.plan"]
+    assert {p.name: sha256_of(p) for p in out.glob("*.plan") if "static" not in p.name} == dynamic
+    registry = read_registry(out).engines
+    assert registry["base.fp16.static-b2.plan"].profile["batch"] == (4, 4, 4)
+    assert registry["text_encoder.fp32.static-b2.plan"].profile["batch"] == (4, 4, 4)
+    assert registry["tokenizer_decoder.fp16.static-b2.plan"].profile == {"batch": (2, 2, 2), "latent_frames": (1, 3, 6)}
+    assert [d.built for d in build_engines(artifact, "fp16", trt=trt, static_batch=2)[1]] == [False] * 7
+    with pytest.raises(ArtifactError, match=r"no text_encoder\.fp32\.static-b3\.plan .* build it with `walt-export engines "
+                                            r"--artifacts .* --precision fp16 --profile static --batch 3`"):
+        Pipeline.from_artifacts(artifact, "tensorrt", static_batch=3)
+
+    # The runtime takes the batch from the plans' registry, before any engine runs (no GPU needed up to there).
+    pipe = Pipeline.from_artifacts(artifact, "tensorrt", static_batch=2)
+    guided, unguided = pipe.check(Request(prompt="x")), pipe.check(Request(prompt="x", guidance=1.0))
+    assert pipe.videos_per_batch(guided) == (2, 2)
+    assert Pipeline.from_artifacts(artifact, "tensorrt").videos_per_batch(guided) == (1, 4)
+    with pytest.raises(RequestError, match=r"take no batch of these videos \(rows per video: text_encoder 2, base 1, "
+                                           r".*walt-export engines --artifacts .* --profile static --batch N"):
+        pipe.generate("x", guidance=1.0)
+    assert pipe.videos_per_batch(unguided) == (4, 2) and pipe._runners == {}
 
 
 def test_int8_and_plugin_requests_are_explained(built):
