@@ -31,9 +31,10 @@ from pathlib import Path
 from runtime.cli import run_command
 from runtime.files import atomic_output, check_output
 from runtime.manifest import check_file, read_manifest
+from runtime.memory import read_status
 from runtime.request import Count, parse_as
 from runtime.runners import OnnxRuntimeRunner
-from walt_export.bench import rss_kib, sample_feeds
+from walt_export.bench import sample_feeds
 from walt_export.config import DENOISER_NAMES, CascadeConfig
 
 COMPARISONS = {  # --compare -> {setting: (precision, variant, memory arena)}, the baseline first
@@ -77,11 +78,11 @@ def memory_child(directory: Path, stages: list[str], precision: str, variant: st
     cfg = CascadeConfig.model_validate(read_manifest(directory).config)
     feeds = sample_feeds(cfg, stages, seed=0)
     runners = open_runners(directory, stages, precision, variant, arena)
-    before = rss_kib("VmRSS")
+    before = read_status("VmRSS")
     for _ in range(repeats):
         for name in stages:
             runners[name].infer(feeds[name])
-    return {"rss_rise_gib": (rss_kib("VmRSS") - before) / 2**20, "peak_rss_gib": rss_kib("VmHWM") / 2**20}
+    return {"rss_rise_gib": (read_status("VmRSS") - before) / 2**30, "peak_rss_gib": read_status("VmHWM") / 2**30}
 
 
 def main(argv: list[str] | None = None) -> int:

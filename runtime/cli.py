@@ -23,6 +23,7 @@ from typing import get_args
 
 from runtime.errors import WaltExportError
 from runtime.manifest import Precision
+from runtime.pipeline import DECODE_CHUNK
 from runtime.request import ClassId, Count, Frames, Guidance, Seed, Steps, Threads, parse_as
 from runtime.runners import BACKENDS
 
@@ -69,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--low-memory", action="store_true",
                        help="hold one stage at a time: each model is opened for its stage and released after it "
                             "(for devices where the cascade's models do not fit together, e.g. Jetson Orin; slower)")
+        p.add_argument("--decode-chunk", type=parse_as(Count), default=DECODE_CHUNK, metavar="N",
+                       help=f"latent frames the decoder decodes per call (default {DECODE_CHUNK}: the first frames "
+                            "soonest and the least memory; a whole clip's latent frames decode it in one call)")
         p.add_argument("--memory-report", metavar="REPORT.json",
                        help="write what each stage held in memory (RSS; TensorRT: device memory) and the run's peak "
                             "to this JSON file, and print it as a table")
@@ -174,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         check_output(args.memory_report, "--memory-report", "file", suffix=".json")
     with Pipeline.from_artifacts(args.artifacts, args.backend, args.device, args.precision, args.threads,
                                  low_memory=args.low_memory, static_batch=args.static_batch,
-                                 memory_report=bool(args.memory_report)) as pipe:
+                                 decode_chunk=args.decode_chunk, memory_report=bool(args.memory_report)) as pipe:
         code = _generate(args, pipe, disable) if args.command == "generate" else _render(args, pipe, disable)
         if pipe.memory is not None:
             from runtime.files import atomic_output

@@ -139,6 +139,8 @@ class EngineEntry(EngineKey):
     plan: PlanFileName  # file name beside build.json
     plan_sha256: str
     build_seconds: float
+    activation_bytes: int | None = None  # device memory of an execution context, as the builder reported it
+    weights_bytes: int | None = None  # device memory of the weights, as the builder reported it
 
 
 class Registry(_Schema):

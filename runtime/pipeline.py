@@ -227,6 +227,8 @@ class Pipeline:
             decode_chunk: latent frames per decoder call, >= 1.
             memory_report: record each stage's memory (`runtime.memory.MemoryMonitor`, in `self.memory`).
         """
+        if not isinstance(decode_chunk, int) or decode_chunk < 1:
+            raise UsageError(f"decode_chunk is the latent frames per decoder call, an integer >= 1, got {decode_chunk!r}")
         self.manifest, self.directory = manifest, Path(directory) if directory else None
         self.backend, self.precision = backend, precision
         self.low_memory, self.decode_chunk = low_memory, decode_chunk
@@ -246,14 +248,16 @@ class Pipeline:
     @classmethod
     def from_artifacts(cls, directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                        precision: Precision | None = None, threads: int = 0, *, low_memory: bool = False,
-                       static_batch: int | None = None, memory_report: bool = False) -> Pipeline:
+                       static_batch: int | None = None, decode_chunk: int = DECODE_CHUNK,
+                       memory_report: bool = False) -> Pipeline:
         """Open an artifact directory with a backend on a device: `onnxruntime` runs its ONNX files (sha256
         checked), `tensorrt` the plans `walt-export engines --precision P` built for this machine (build.json
         checked). Each stage runs in the precision its policy resolves `precision` to (the text encoder: FP32).
 
         `precision` defaults to fp32 on onnxruntime and fp16 on TensorRT (`DEFAULT_PRECISION`). `static_batch`
         (TensorRT): run the plans of `walt-export engines --profile static --batch N` instead of the dynamic ones.
-        `low_memory` and `memory_report`: see `Pipeline`; in low-memory mode onnxruntime keeps no memory arena.
+        `low_memory`, `decode_chunk` and `memory_report`: see `Pipeline`; in low-memory mode onnxruntime keeps no
+        memory arena.
 
         Raises ArtifactError (naming the command that makes them) when the files or plans are missing, UsageError
         for a device this onnxruntime cannot run on, or a static batch without the TensorRT backend.
@@ -287,7 +291,7 @@ class Pipeline:
             return make_runner(backend, files[name], device, threads, arena)
 
         return cls(manifest, runner_for, directory, backend, precision, low_memory=low_memory,
-                   batch_profile=batch_profile, memory_report=memory_report)
+                   batch_profile=batch_profile, decode_chunk=decode_chunk, memory_report=memory_report)
 
     # --------------------------------------------------------------------------------------------- lifecycle
     def runner(self, name: str) -> Runner:

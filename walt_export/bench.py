@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.errors import UsageError, WaltExportError
 from runtime.manifest import ArtifactError, Manifest, Precision, check_file, read_manifest
+from runtime.memory import read_status, reset_peak
 from runtime.runners import Runner, make_runner, onnxruntime_file, wants_memory_arena
 from walt_export.config import CascadeConfig
 from walt_export.flops import PEAKS, CascadeCost, cascade_flops, generate_batch, stage_flops
@@ -155,38 +156,15 @@ class BenchReport(_Schema):
 
 
 # ------------------------------------------------------------------------------------------------------ memory
-def rss_kib(field: str) -> int | None:
-    """A memory figure of this process from /proc/self/status in KiB ('VmRSS' resident, 'VmHWM' its peak), or
-    None where there is no /proc (not Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (VmHWM) to its current RSS; False where Linux does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _measure_memory(call: Callable[[], object]) -> tuple[float | None, float | None]:
     """(peak RSS during `call()`, its rise over the RSS before) in GiB, or (None, None) where unmeasurable."""
-    before = rss_kib("VmRSS")
-    if before is None or not _reset_peak_rss():
+    before = read_status("VmRSS")
+    if before is None or not reset_peak():
         call()
         return None, None
     call()
-    peak = rss_kib("VmHWM")
-    return peak / 2**20, max(peak - before, 0) / 2**20
+    peak = read_status("VmHWM")
+    return peak / 2**30, max(peak - before, 0) / 2**30
 
 
 # ----------------------------------------------------------------------------------------------------- runners

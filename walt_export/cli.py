@@ -236,7 +236,8 @@ def _engines(args: argparse.Namespace) -> int:
               f"them in {Path(args.artifacts) / 'manifest.json'}")
     for d in decisions:
         why = f"  ({d.reason})" if d.built else ""
-        print(f"{d.stage:<23} {'built' if d.built else 'reused':<6} {d.plan.name}{why}")
+        memory = "" if d.entry.activation_bytes is None else f"  activations {d.entry.activation_bytes / 2**20:.1f} MiB"
+        print(f"{d.stage:<23} {'built' if d.built else 'reused':<6} {d.plan.name}{memory}{why}")
     print(f"engines in {out}")
     return 0
 

@@ -27,6 +27,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -89,13 +90,28 @@ def profile_shapes(stage: StageInfo, profile: EngineProfile = EngineProfile()
     return {t.name: tuple(t.concrete(d) for d in dims) for t in stage.inputs}  # type: ignore[misc]
 
 
+@dataclass(frozen=True)
+class BuiltEngine:
+    """A serialized engine and the device memory its builder reported (None where it reported none)."""
+
+    plan: bytes
+    activation_bytes: int | None  # "Total Activation Memory": the execution context's, at the profile's largest
+    weights_bytes: int | None  # "Total Weights Memory"
+
+
+_REPORTED = {field: re.compile(rf"Total {what} Memory: (\d+) bytes")
+             for field, what in (("activation_bytes", "Activation"), ("weights_bytes", "Weights"))}
+
+
 def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None = None,
                  workspace_bytes: int | None = None, fp16_flag: bool = False,
-                 timing_cache: str | Path | None = None, profile: EngineProfile = EngineProfile()) -> bytes:
+                 timing_cache: str | Path | None = None, profile: EngineProfile = EngineProfile()) -> BuiltEngine:
     """Parse `onnx_path` (external data beside it) and build a serialized engine for the stage's profile.
 
     Built with Polygraphy's loaders (NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork), for
-    TensorRT or TensorRT-RTX alike.
+    TensorRT or TensorRT-RTX alike. The device memory the builder reports at the end of a build (its INFO lines
+    "Total Activation Memory: N bytes" and "Total Weights Memory: N bytes", which TensorRT 10 and TensorRT-RTX 1.7
+    print) is returned with the plan.
 
     Args:
         profile: the manifest's dynamic profile, or static at one batch (`EngineProfile`).
@@ -113,7 +129,8 @@ def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None
                     timing_cache)
         timing_cache = None
     strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and not fp16_flag
-    with _polygraphy_errors(logger, f"TensorRT could not build an engine from {Path(onnx_path).name}"):
+    with _polygraphy_errors(logger, f"TensorRT could not build an engine from {Path(onnx_path).name}",
+                            logger.VERBOSE) as output:  # VERBOSE: where Polygraphy puts TensorRT's INFO lines
         network = loaders.NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
         config = loaders.CreateConfig(
             fp16=fp16_flag, profiles=[optimization_profile],
@@ -125,8 +142,11 @@ def build_engine(onnx_path: str | Path, stage: StageInfo, trt: ModuleType | None
         else:
             with atomic_output(timing_cache) as tmp:
                 engine = loaders.EngineBytesFromNetwork(network, config, save_timing_cache=str(tmp))()
-    log.info("built an engine from %s: %d bytes", Path(onnx_path).name, engine.nbytes)
-    return bytes(engine)
+    reported = {field: int(match[-1]) if (match := pattern.findall(output.getvalue())) else None
+                for field, pattern in _REPORTED.items()}
+    log.info("built an engine from %s: %d bytes (%s)", Path(onnx_path).name, engine.nbytes,
+             ", ".join(f"{k} {v}" for k, v in reported.items()))
+    return BuiltEngine(bytes(engine), **reported)
 
 
 def network_layers(onnx_path: str | Path, trt: ModuleType | None = None) -> list[tuple[str, str]]:
@@ -139,16 +159,18 @@ def network_layers(onnx_path: str | Path, trt: ModuleType | None = None) -> list
 
 
 @contextlib.contextmanager
-def _polygraphy_errors(logger, failure: str) -> Iterator[None]:
-    """Polygraphy's console output captured (TensorRT's messages pass through it): on success it goes to the debug
-    log; Polygraphy's failure (PolygraphyException) becomes an EngineBuildError carrying TensorRT's error lines."""
+def _polygraphy_errors(logger, failure: str, verbosity: int | None = None) -> Iterator[io.StringIO]:
+    """Polygraphy's console output captured (TensorRT's messages pass through it) and yielded: on success it goes to
+    the debug log; Polygraphy's failure (PolygraphyException) becomes an EngineBuildError carrying TensorRT's error
+    lines. `verbosity`: Polygraphy's, default INFO when debugging, else WARNING."""
     from polygraphy.exception import PolygraphyException
 
     output = io.StringIO()
+    if verbosity is None:
+        verbosity = logger.INFO if log.isEnabledFor(logging.DEBUG) else logger.WARNING
     try:
-        with logger.verbosity(logger.INFO if log.isEnabledFor(logging.DEBUG) else logger.WARNING), \
-                contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            yield
+        with logger.verbosity(verbosity), contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            yield output
     except PolygraphyException as e:
         errors = [line.strip() for line in output.getvalue().splitlines() if line.startswith(("[E]", "[!]"))]
         raise EngineBuildError(f"{failure}: {'; '.join(errors) or e}") from None
@@ -181,6 +203,7 @@ class EngineDecision:
     stage: str
     plan: Path
     reason: str | None  # why the plan was built; None when the registered one was reused
+    entry: EngineEntry  # its registry entry
 
     @property
     def built(self) -> bool:
@@ -268,19 +291,19 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
             reason = _rebuild_reason(registry.engines.get(plan.name), wanted, plan)
             if reason is None:
                 log.info("%s: reusing %s", name, plan.name)
-                decisions.append(EngineDecision(name, plan, None))
+                decisions.append(EngineDecision(name, plan, None, registry.engines[plan.name]))
                 continue
             log.info("%s: building %s (%s)", name, plan.name, reason)
             start = time.perf_counter()
-            serialized = build_engine(directory / model.file, stage, trt, workspace_bytes, fp16_flag, timing_cache,
-                                      profile)
+            built = build_engine(directory / model.file, stage, trt, workspace_bytes, fp16_flag, timing_cache, profile)
             with atomic_output(plan) as tmp:  # makes engines/<target>/ with the first plan
-                tmp.write_bytes(serialized)
+                tmp.write_bytes(built.plan)
             entry = EngineEntry(**wanted.model_dump(), plan=plan.name, plan_sha256=sha256_of(plan),
-                                build_seconds=round(time.perf_counter() - start, 3))
+                                build_seconds=round(time.perf_counter() - start, 3),
+                                activation_bytes=built.activation_bytes, weights_bytes=built.weights_bytes)
             registry = registry.model_copy(update={"engines": {**registry.engines, plan.name: entry}})
             write_registry(out, registry)
-            decisions.append(EngineDecision(name, plan, reason))
+            decisions.append(EngineDecision(name, plan, reason, entry))
     return out, decisions
 
 

@@ -279,7 +279,7 @@ def tiny(trt, tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny")
     onnx_path, stage = tiny_model(directory)
     plan = directory / "tiny.plan"
-    plan.write_bytes(build_engine(onnx_path, stage, trt))
+    plan.write_bytes(build_engine(onnx_path, stage, trt).plan)
     return onnx_path, plan
 
 
@@ -368,7 +368,7 @@ def test_micro_plans_match_onnxruntime(cudart, trt, micro_artifacts, tmp_path, s
     info = manifest.stage(stage)
     source = info.file("fp32", "fallback" if stage == "base" else "canonical")
     plan = tmp_path / f"{stage}.fp32.plan"
-    plan.write_bytes(build_engine(directory / source.file, info, trt))
+    plan.write_bytes(build_engine(directory / source.file, info, trt).plan)
     rng = np.random.default_rng(0)
     dims = {name: opt for name, (_, opt, _) in info.profile.items()}
     given = {t.name: (np.ones(t.concrete(dims), np.int64) if t.dtype == "int64"

@@ -215,7 +215,7 @@ def test_tensorrt_rtx_builds_engines_of_the_fallback_and_fp16_files(micro_artifa
     directory, manifest = micro_artifacts
     built = []
     for name, f in files_of(manifest, ("canonical", "fallback")):  # canonical: TensorRT parses the function body
-        assert len(build_engine(directory / f.file, manifest.stage(name), trt)) > 10_000, f.file
+        assert len(build_engine(directory / f.file, manifest.stage(name), trt).plan) > 10_000, f.file
         built.append(f.file)
     assert {"base.fallback.onnx", "base.fp16.fallback.onnx", "sr2.fp16.fallback.onnx",
             "tokenizer_decoder_step.fp16.onnx"} <= set(built)
@@ -231,7 +231,7 @@ def test_tensorrt_rtx_builds_the_attention_variant_in_fp16_only(micro_artifacts)
     from walt_export.engine_build import EngineBuildError, build_engine
 
     directory, manifest = micro_artifacts
-    assert len(build_engine(directory / "base.fp16.attention.onnx", manifest.stage("base"), trt)) > 10_000
+    assert len(build_engine(directory / "base.fp16.attention.onnx", manifest.stage("base"), trt).plan) > 10_000
     with pytest.raises(EngineBuildError, match="Attention operation was not supported by a dedicated kernel"):
         build_engine(directory / "base.attention.onnx", manifest.stage("base"), trt)
 
