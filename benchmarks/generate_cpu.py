@@ -8,8 +8,9 @@ memory: `python -m runtime generate` in child processes, interleaved over `--rep
 whole clip per call (`--decode-chunk` = the clip's latent frames: how `generate` decoded before streaming), the
 default (streaming, one latent frame per call) and `--low-memory`. Peak RSS is the child's ru_maxrss (os.wait4), with
 its `--memory-report` per stage.
-long: the default command at one clip and at `--long-frames` (at 1 step per denoiser: the decode is what holds
-frames), peak RSS of each; a video whose frames were all held would add its frames' bytes.
+long: the default command at one clip, two clips and `--long-frames` (at 1 step per denoiser: the decode is what
+holds frames), peak RSS of each; from two clips on the encoder runs too (the overlap), so the long video is compared
+with two clips: a video whose frames were all held would add its frames' bytes.
 first-frame: in this process, `Pipeline.stream` timed to its first frame, against the denoisers' time of the same
 run and today's whole-clip decode of the same latent (`tokenizer_decoder` on the clip), interleaved.
 batch: the same 4 prompts generated at batch 1 (4 calls), 2 (2 calls) and 4 (1 call), interleaved per round;
@@ -95,23 +96,27 @@ def memory_section(args: argparse.Namespace, tmp: Path) -> dict:
 
 def long_section(args: argparse.Namespace, tmp: Path) -> dict:
     manifest = read_manifest(args.artifacts)
-    lengths = (manifest.frames, args.long_frames)
+    one, new = manifest.frames, (manifest.latent.frames - 2) * manifest.latent.temporal_factor
+    lengths = (one, one + new, args.long_frames)  # one clip; two (the encoder runs from the second on); long
     runs = {frames: [] for frames in lengths}
     for repeat in range(args.repeats):
         for frames in (lengths if repeat % 2 == 0 else lengths[::-1]):
             runs[frames].append(child_generate(args.artifacts, tmp, 1, [], frames))
-    clip_bytes = manifest.frames * 3 * manifest.height * manifest.width * 4  # one clip's float32 frames
+    clip_bytes = one * 3 * manifest.height * manifest.width * 4  # one clip's float32 frames
     print(f"\nA long video's memory (default settings, 1 step per denoiser, {args.repeats} runs each)")
-    print("| frames | peak RSS GiB (median) | runs | seconds (median) |\n|---|---|---|---|")
+    print("| frames | peak RSS GiB (median) | runs | highest RSS per stage, MiB (last run) | seconds (median) |\n"
+          "|---|---|---|---|---|")
     result = {}
     for frames, rs in runs.items():
         peak = statistics.median(r["max_rss_gib"] for r in rs)
         listed = ", ".join(f"{r['max_rss_gib']:.3f}" for r in rs)
-        print(f"| {frames} | {peak:.3f} | {listed} | {statistics.median(r['seconds'] for r in rs):.1f} |")
-        result[frames] = {"peak_rss_gib": peak, "runs_gib": [r["max_rss_gib"] for r in rs]}
-    grown = result[lengths[1]]["peak_rss_gib"] - result[lengths[0]]["peak_rss_gib"]
-    whole = lengths[1] * 3 * manifest.height * manifest.width / GIB  # its uint8 frames alone
-    print(f"{lengths[1]} frames against {lengths[0]}: {grown * 1024:+.0f} MiB; one clip's float32 frames are "
+        stages = {s["stage"]: (s["peak"] or 0) / 2**20 for s in rs[-1]["report"]["stages"]}
+        per_stage = ", ".join(f"{name} {mib:.0f}" for name, mib in stages.items() if name.startswith("tokenizer"))
+        print(f"| {frames} | {peak:.3f} | {listed} | {per_stage} | {statistics.median(r['seconds'] for r in rs):.1f} |")
+        result[frames] = {"peak_rss_gib": peak, "runs_gib": [r["max_rss_gib"] for r in rs], "stage_peaks_mib": stages}
+    grown = result[lengths[2]]["peak_rss_gib"] - result[lengths[1]]["peak_rss_gib"]
+    whole = lengths[2] * 3 * manifest.height * manifest.width / GIB  # its uint8 frames alone
+    print(f"{lengths[2]} frames against {lengths[1]}: {grown * 1024:+.0f} MiB; one clip's float32 frames are "
           f"{clip_bytes / 2**20:.0f} MiB, the whole video's uint8 frames {whole * 1024:.0f} MiB")
     return {"runs": result, "growth_gib": grown, "clip_float32_gib": clip_bytes / GIB, "video_uint8_gib": whole}
 

@@ -136,7 +136,9 @@ def capture(directory: str | Path, reqs: list[Request], timesteps: int = 8, thre
 
     data: dict[str, list[Feeds]] = defaultdict(list)
     videos = []
-    with Pipeline(manifest, runner_for, directory) as pipeline:
+    # The decoder gets each clip whole (one call), as its calibration data: the runtime's streaming chunks are
+    # slices of the same activations.
+    with Pipeline(manifest, runner_for, directory, decode_chunk=manifest.latent.frames) as pipeline:
         for request in reqs:
             videos.append(pipeline.generate(request.prompt, class_id=request.class_id, seed=request.seed))
             for name in pipeline.denoisers:

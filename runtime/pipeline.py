@@ -243,6 +243,7 @@ class Pipeline:
         # One generation at a time: runners and their buffers are shared. A plain lock, which a stream's generator
         # may release from another thread than the one that took it; the runner cache has its own.
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread that took `_lock` (`_generation`)
         self._runners_lock = threading.Lock()
 
     @classmethod
@@ -317,10 +318,24 @@ class Pipeline:
 
     def close(self) -> None:
         """Close every runner (after a generation running in another thread has finished)."""
-        with self._lock, self._runners_lock:
+        with self._generation(), self._runners_lock:
             for runner in self._runners.values():
                 runner.__exit__(None, None, None)
             self._runners.clear()
+
+    @contextlib.contextmanager
+    def _generation(self) -> Iterator[None]:
+        """Hold the pipeline for one generation (or `close`); other threads wait. A stream suspended between frames
+        holds it too: the same thread asking again would wait for itself, so that raises RuntimeError instead."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("a stream of this pipeline is still open in this thread (suspended between frames): "
+                               "exhaust it or call its close() before the next generation or closing the pipeline")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def __enter__(self) -> Pipeline:
         return self
@@ -507,7 +522,7 @@ class Pipeline:
         """(index into `prepared`, frames) as decoded, batch after batch (split and padded to `videos_per_batch`),
         under the pipeline's lock; each video's denoisers' final latents are appended to `latents[index]`."""
         low, high = self.videos_per_batch(prepared[0].plan)
-        with self._lock:
+        with self._generation():
             start = 0
             for size, padded in split_batch(len(prepared), low, high):
                 batch = prepared[start:start + size]
@@ -573,7 +588,7 @@ class Pipeline:
                 or (video.shape[2] - 1) % factor:
             raise RequestError(f"the tokenizer takes a (1, 3, 1 + {factor}k, {m.height}, {m.width}) video, got "
                                f"{video.shape}")
-        with self._lock:
+        with self._generation():
             decoded = self.runner(DECODER).infer({"latent": self._encode(video)})["video"]
             self._release(DECODER)
             return to_frames(_finite(decoded, "the tokenizer decoder"))

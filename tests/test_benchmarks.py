@@ -57,3 +57,21 @@ def test_gpu_check_says_it_needs_a_gpu(tmp_path, capsys):
 
     assert gpu_check.main(["--out", str(tmp_path / "gpu.json")]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "gpu.json").exists()
+
+
+def test_generate_benchmark_measures_memory_first_frame_and_batches(micro_artifacts, tmp_path, capsys):
+    from benchmarks import generate_cpu
+
+    directory, _ = micro_artifacts
+    out = tmp_path / "generate.json"
+    assert generate_cpu.main(["--artifacts", str(directory), "--steps", "1", "--repeats", "1", "--long-frames", "21",
+                              "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["memory"]) == {"whole-clip decode", "default (streaming)", "--low-memory"}
+    assert all(setting["peak_rss_gib"] > 0.05 for setting in result["memory"].values())
+    assert list(result["long"]["runs"]) == ["9", "13", "21"]
+    (run,) = result["first-frame"]["runs"]
+    assert 0 < run["first_frame_s"] < run["total_s"] and run["frames"] == 9
+    assert list(result["batch"]) == ["1", "2", "4"]
+    assert all(size["videos_per_hour"] > 0 for size in result["batch"].values())
+    assert "Videos per hour" in capsys.readouterr().out

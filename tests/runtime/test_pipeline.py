@@ -95,6 +95,17 @@ def test_streamed_decoding_equals_the_whole_clip_decode(micro_artifacts):
     np.testing.assert_array_equal(streamed, video.frames)
 
 
+def test_a_suspended_stream_holds_the_pipeline_and_says_so_instead_of_deadlocking(micro_artifacts):
+    directory, _ = micro_artifacts
+    with Pipeline.from_artifacts(directory) as pipe:
+        frames = pipe.stream("a boat", seed=0, steps=1)
+        first = next(frames)
+        with pytest.raises(RuntimeError, match="a stream of this pipeline is still open in this thread"):
+            pipe.generate("a boat", seed=0, steps=1)
+        frames.close()  # releases the pipeline
+        np.testing.assert_array_equal(pipe.generate("a boat", seed=0, steps=1).frames[0], first)
+
+
 def test_streaming_holds_a_chunk_not_the_video(micro_artifacts):
     """The numpy memory a stream holds does not grow with the video's length (5 clips against 1)."""
     import tracemalloc
