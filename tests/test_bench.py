@@ -37,7 +37,8 @@ def test_bench_reports_every_stage_and_backend_side_by_side(micro_artifacts, tmp
     generate = {g["backend"]: g for g in report["generate"]}
     assert set(generate) == {"onnxruntime", "torch"}
     for g in generate.values():
-        assert g["calls"] == {"text_encoder": 1, "base": 2, "sr1": 2, "sr2": 2, "tokenizer_decoder": 1}
+        assert g["calls"] == {"text_encoder": 1, "base": 2, "sr1": 2, "sr2": 2, "tokenizer_decoder": 1,
+                              "tokenizer_decoder_step": 2}  # streamed: micro's 3 latent frames one at a time
         assert 0 < g["infer_seconds"][0] < g["seconds"][0] and 0 < g["outside_infer_fraction"] < 1
     speedup = generate["torch"]["median_s"] / generate["onnxruntime"]["median_s"]
     assert report["generate_speedup"] == pytest.approx(speedup)
