@@ -228,7 +228,8 @@ class Pipeline:
             memory_report: record each stage's memory (`runtime.memory.MemoryMonitor`, in `self.memory`).
         """
         if not isinstance(decode_chunk, int) or decode_chunk < 1:
-            raise UsageError(f"decode_chunk is the latent frames per decoder call, an integer >= 1, got {decode_chunk!r}")
+            raise UsageError(f"decode_chunk is the latent frames per decoder call, an integer >= 1, got "
+                             f"{decode_chunk!r}")
         self.manifest, self.directory = manifest, Path(directory) if directory else None
         self.backend, self.precision = backend, precision
         self.low_memory, self.decode_chunk = low_memory, decode_chunk

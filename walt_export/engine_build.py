@@ -236,8 +236,8 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
     """Build (or reuse) one engine per stage; returns the engine directory and one decision per stage.
 
     `static_batch` N builds static plans (min = opt = max at N videos per call: 2N rows for the denoisers and the
-    text encoder, N for the tokenizer; `runtime.engine_registry.EngineProfile`) named `<stage>.<precision>.static-bN.plan`,
-    beside the dynamic ones; the runtime runs them with `--static-batch N`.
+    text encoder, N for the tokenizer; `runtime.engine_registry.EngineProfile`) named
+    `<stage>.<precision>.static-bN.plan`, beside the dynamic ones; the runtime runs them with `--static-batch N`.
 
     For FP16 engines with a strongly typed TensorRT (11, TensorRT-RTX), stages whose policy allows FP16 but that have
     no FP16 files (an artifact exported without `--fp16`) get them first (`add_fp16_files`).

@@ -152,7 +152,8 @@ def test_static_profile_plans_sit_beside_the_dynamic_ones_and_fix_the_batch(buil
     assert registry["text_encoder.fp32.static-b2.plan"].profile["batch"] == (4, 4, 4)
     assert registry["tokenizer_decoder.fp16.static-b2.plan"].profile == {"batch": (2, 2, 2), "latent_frames": (1, 3, 6)}
     assert [d.built for d in build_engines(artifact, "fp16", trt=trt, static_batch=2)[1]] == [False] * 7
-    with pytest.raises(ArtifactError, match=r"no text_encoder\.fp32\.static-b3\.plan .* build it with `walt-export engines "
+    with pytest.raises(ArtifactError, match=r"no text_encoder\.fp32\.static-b3\.plan .* build it with "
+                                            r"`walt-export engines "
                                             r"--artifacts .* --precision fp16 --profile static --batch 3`"):
         Pipeline.from_artifacts(artifact, "tensorrt", static_batch=3)
 
