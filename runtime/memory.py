@@ -81,6 +81,8 @@ class MemoryReport(BaseModel):
             rows.append(f"{s.stage:<24}{s.opens:>6}{mib(s.opened):>12}{mib(s.peak):>14}{mib(device):>12}")
         rows.append(f"peak RSS {mib(self.peak)} MiB (at the start {mib(self.start)} MiB)"
                     f"{', low-memory mode' if self.low_memory else ''}")
+        rows.append("opened: RSS growth while its runner opened (0 where it reused memory an earlier stage freed); "
+                    "peak RSS: the highest while it ran")
         return "\n".join(rows)
 
 

@@ -419,6 +419,8 @@ class Pipeline:
     def _prepare(self, requests: Sequence[Request], images: Sequence[np.ndarray | None]) -> list[_Prepared]:
         """Each request checked (`check`), with its first frame as the tokenizer's video; RequestError when they
         cannot share a batch (`GenerationPlan.batch_key`) or the stages' batch profile takes none of this kind."""
+        if not requests:
+            raise RequestError("no requests: a batch needs at least one video")
         prepared = []
         for request, array in zip(requests, images, strict=True):
             plan = self.check(request)
@@ -505,13 +507,15 @@ class Pipeline:
         prepared = self._prepare(requests, images)
         return (frame for _, chunk in self._stream(prepared, progress) for frame in chunk)
 
-    def stream_batch(self, requests: Sequence[Request],
+    def stream_batch(self, requests: Sequence[Request | Mapping[str, object]],
                      progress: Progress | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Generate a batch of requests (see `generate`), yielding (request index, frames (n, H, W, 3) uint8) as
         each decoder chunk is made: in order for each video, the videos of a batch interleaved.
 
+        requests: `runtime.request.Request`s, or mappings of their fields ({"prompt": ..., "seed": ...}).
         The requests are checked when this is called (RequestError before anything runs); the lock as for `stream`.
         """
+        requests = [r if isinstance(r, Request) else Request.parse(**_fields(r)) for r in requests]
         return self._stream(self._prepare(requests, [None] * len(requests)), progress)
 
     @property
@@ -717,7 +721,10 @@ def _requests(prompt, class_id, seed, steps, guidance, frames, image) -> tuple[l
     lists = {name: value for name, value in (("prompt", prompt), ("class_id", class_id), ("seed", seed),
                                               ("image", image)) if isinstance(value, (list, tuple))}
     lengths = {len(value) for value in lists.values()}
-    if len(lengths) > 1 or 0 in lengths:
+    if 0 in lengths:
+        raise RequestError(f"{', '.join(name for name, value in lists.items() if not value)} is an empty list: a "
+                           "batch needs at least one video")
+    if len(lengths) > 1:
         given = ", ".join(f"{name} has {len(value)}" for name, value in lists.items())
         raise RequestError(f"a batch takes lists of one length, one value per video ({given})")
     count = lengths.pop() if lengths else 1
@@ -732,6 +739,14 @@ def _requests(prompt, class_id, seed, steps, guidance, frames, image) -> tuple[l
                                       image=None if first is None or array is not None else str(first)))
         arrays.append(array)
     return requests, arrays, bool(lists)
+
+
+def _fields(request: object) -> Mapping[str, object]:
+    """The fields of a request given as a mapping; RequestError for anything else."""
+    if not isinstance(request, Mapping) or not all(isinstance(k, str) for k in request):
+        raise RequestError(f"a request is a runtime.request.Request or a mapping of its fields, got "
+                           f"{type(request).__name__}")
+    return request
 
 
 def _draw(rngs: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:

@@ -160,3 +160,13 @@ def test_ctrl_c_during_an_export_exits_130_leaving_nothing(tmp_path, sigint_chil
 def test_flag_values_out_of_range_name_the_flag(args, says):
     result = run(*args)
     assert result.returncode == 2 and says in result.stderr.splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--profile", "static"], "--profile static needs --batch N: the videos per call its plans are fixed to"),
+    (["--batch", "2"], "--batch N sets the batch of a static profile: add --profile static"),
+])
+def test_a_static_profile_and_its_batch_go_together(tmp_path, args, says):
+    result = run("engines", "--artifacts", str(tmp_path), *args)
+    (line,) = result.stderr.strip().splitlines()  # one line, before anything is read or built
+    assert result.returncode == 1 and line.startswith(f"walt-export: error: {says}"), result.stderr

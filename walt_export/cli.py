@@ -226,8 +226,11 @@ def _engines(args: argparse.Namespace) -> int:
     from runtime.manifest import read_manifest
     from walt_export.engine_build import build_engines
 
-    if (args.profile == "static") != (args.batch is not None):
-        raise UsageError("--profile static needs --batch N (videos per call), and --batch goes with --profile static")
+    if args.profile == "static" and args.batch is None:
+        raise UsageError("--profile static needs --batch N: the videos per call its plans are fixed to")
+    if args.profile == "dynamic" and args.batch is not None:
+        raise UsageError("--batch N sets the batch of a static profile: add --profile static (dynamic plans take "
+                         "the manifest's batch range)")
     before = read_manifest(args.artifacts).precisions
     out, decisions = build_engines(args.artifacts, args.precision, args.attention, args.workspace_gb,
                                    args.timing_cache, static_batch=args.batch)
@@ -238,6 +241,10 @@ def _engines(args: argparse.Namespace) -> int:
         why = f"  ({d.reason})" if d.built else ""
         memory = "" if d.entry.activation_bytes is None else f"  activations {d.entry.activation_bytes / 2**20:.1f} MiB"
         print(f"{d.stage:<23} {'built' if d.built else 'reused':<6} {d.plan.name}{memory}{why}")
+    reported = [d.entry.activation_bytes for d in decisions]
+    if all(a is not None for a in reported):
+        print(f"activation memory of these plans, as the builder reported it: {sum(reported) / 2**30:.2f} GiB "
+              "(one execution context each)")
     print(f"engines in {out}")
     return 0
 

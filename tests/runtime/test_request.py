@@ -73,6 +73,16 @@ def test_the_artifact_checks_run_before_any_model(micro_artifacts):
         with pytest.raises(RequestError, match="the videos of one batch share their length"):
             pipe.generate(["a cat", "a dog"], image=[None, np.zeros((128, 128, 3), np.uint8)])
         pipe.stream("a cat", frames=9 + 4 * 10**9)  # streamed: no frames are held, so no memory limit
+        with pytest.raises(RequestError, match="prompt is an empty list: a batch needs at least one video"):
+            pipe.generate([], seed=0)
+        with pytest.raises(RequestError, match="no requests: a batch needs at least one video"):
+            pipe.stream_batch([])
+        with pytest.raises(RequestError, match="a request is a runtime.request.Request or a mapping of its fields, "
+                                               "got str"):
+            pipe.stream_batch(["a cat"])
+        with pytest.raises(RequestError, match="seed: Input should be greater than or equal to 0"):
+            pipe.stream_batch([{"prompt": "a cat", "seed": -1}])
+        pipe.stream_batch([{"prompt": "a cat", "seed": 1}])  # checked, not run
         assert pipe._runners == {}  # nothing was opened, let alone run
 
 
