@@ -96,10 +96,6 @@ class EngineProfile(_Schema):
 
     static_batch: int | None = None  # videos per call of a static profile; None: dynamic
 
-    @classmethod
-    def of(cls, static_batch: int | None) -> EngineProfile:
-        return cls(static_batch=static_batch)
-
     @property
     def suffix(self) -> str:
         """What the profile adds to a plan's file name: '' (dynamic) or '.static-b4'."""
@@ -241,7 +237,7 @@ def check_plan(plan: str | Path, trt: ModuleType, target: Target | None = None) 
         raise ArtifactError(f"{plan} is not a registered engine; build it with {rebuild}`")
     target = target or detect_target(trt)
     rebuild += f" --precision {entry.precision if entry.precision in ENGINE_PRECISIONS else 'fp16'}" \
-               f"{EngineProfile.of(entry.static_batch).flags}`"
+               f"{EngineProfile(static_batch=entry.static_batch).flags}`"
     if entry.target != target:
         raise ArtifactError(f"{plan.name} was built for {entry.target.directory_name}, this machine is "
                             f"{target.directory_name}; rebuild with {rebuild}")
@@ -252,7 +248,8 @@ def check_plan(plan: str | Path, trt: ModuleType, target: Target | None = None) 
 
 def batch_profile(plans: dict[str, Path]) -> dict[str, tuple[int, int]]:
     """stage -> (min, max) batch rows of its plan (checked plans, `find_plan`), as their registry records it."""
-    entries = {name: read_registry(plan.parent).engines[plan.name] for name, plan in plans.items()}
+    registries = {directory: read_registry(directory) for directory in {plan.parent for plan in plans.values()}}
+    entries = {name: registries[plan.parent].engines[plan.name] for name, plan in plans.items()}
     return {name: (entry.profile["batch"][0], entry.profile["batch"][2]) for name, entry in entries.items()}
 
 

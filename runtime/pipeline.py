@@ -55,7 +55,7 @@ import numpy as np
 from runtime.errors import RequestError, UsageError, WaltExportError
 from runtime.manifest import DenoiserInfo, Manifest, Precision, check_file, read_manifest, rows_per_video
 from runtime.memory import MemoryMonitor
-from runtime.request import Request
+from runtime.request import Count, Request, check_setting
 from runtime.runners import (
     DEFAULT_PRECISION,
     Runner,
@@ -115,6 +115,13 @@ class _TimedRunner:
 class NumericalError(WaltExportError, FloatingPointError):
     """A model's output went non-finite (NaN or Inf): the fault FP16 overflow gives, which would otherwise be
     written as a black video. The message names the model and the step."""
+
+
+def video_lengths(manifest: Manifest) -> tuple[int, int]:
+    """(one, new): an artifact makes videos of `one + new * k` frames, k >= 0: one clip, then `new` frames per clip
+    that continues it past its OVERLAP_LATENT_FRAMES conditioning latent frames (new = 0: one clip only)."""
+    latent = manifest.latent
+    return manifest.frames, (latent.frames - OVERLAP_LATENT_FRAMES) * latent.temporal_factor
 
 
 def overlap_frames(temporal_factor: int) -> int:
@@ -223,13 +230,11 @@ class Pipeline:
                 recorded for reports.
             low_memory: open each stage's runner for its stage only (module docstring).
             batch_profile: stage -> (min, max) batch its runner takes; default: the manifest's profile (what the
-                artifact was exported for). TensorRT plans give their own (`engine_batch_profile`).
+                artifact was exported for). TensorRT plans give their own (`engine_registry.batch_profile`).
             decode_chunk: latent frames per decoder call, >= 1.
             memory_report: record each stage's memory (`runtime.memory.MemoryMonitor`, in `self.memory`).
         """
-        if not isinstance(decode_chunk, int) or decode_chunk < 1:
-            raise UsageError(f"decode_chunk is the latent frames per decoder call, an integer >= 1, got "
-                             f"{decode_chunk!r}")
+        check_setting(Count, decode_chunk, "decode_chunk is the latent frames per decoder call")
         self.manifest, self.directory = manifest, Path(directory) if directory else None
         self.backend, self.precision = backend, precision
         self.low_memory, self.decode_chunk = low_memory, decode_chunk
@@ -273,7 +278,7 @@ class Pipeline:
 
             engines.check_engine_precision(precision)
             trt = engines.import_tensorrt()
-            profile = engines.EngineProfile.of(static_batch)
+            profile = engines.EngineProfile(static_batch=static_batch)
             files = {name: engines.find_plan(directory, name, stage.precision.resolve(precision), trt,
                                              requested=precision, profile=profile)
                      for name, stage in manifest.stages.items()}
@@ -289,8 +294,8 @@ class Pipeline:
                      for name, stage in manifest.stages.items()}
 
         def runner_for(name: str) -> Runner:
-            arena = wants_memory_arena(manifest.stages[name]) and not low_memory
-            return make_runner(backend, files[name], device, threads, arena)
+            return make_runner(backend, files[name], device, threads,
+                               wants_memory_arena(manifest.stages[name], low_memory))
 
         return cls(manifest, runner_for, directory, backend, precision, low_memory=low_memory,
                    batch_profile=batch_profile, decode_chunk=decode_chunk, memory_report=memory_report)
@@ -346,9 +351,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------ requests
     def lengths(self) -> tuple[int, int]:
-        """(one, new): this artifact makes videos of `one + new * k` frames, k >= 0 (new = 0: one clip only)."""
-        latent = self.manifest.latent
-        return self.manifest.frames, (latent.frames - OVERLAP_LATENT_FRAMES) * latent.temporal_factor
+        """(one, new): this artifact makes videos of `one + new * k` frames, k >= 0 (`video_lengths`)."""
+        return video_lengths(self.manifest)
 
     def check(self, request: Request) -> GenerationPlan:
         """What `request` makes with this artifact, after checking that it fits, before any model runs.

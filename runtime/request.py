@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
-from runtime.errors import RequestError, describe_validation
+from runtime.errors import RequestError, UsageError, describe_validation
 
 # The largest seed numpy's and torch's generators both take (torch.manual_seed unpacks a signed 64-bit integer).
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
@@ -88,6 +88,15 @@ class Request(BaseModel):
             return cls.model_validate({k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
             raise RequestError(describe_validation(e)) from None
+
+
+def check_setting(kind: object, value: Any, what: str) -> Any:
+    """`value` checked strictly as `kind` (one of the annotated types above), for a library argument the CLIs
+    check with `parse_as`; UsageError "`what`: the problem (got value)" otherwise."""
+    try:
+        return TypeAdapter(kind).validate_python(value, strict=True)
+    except ValidationError as e:
+        raise UsageError(f"{what}: {describe_validation(e)}") from None
 
 
 def parse_as(kind: object) -> Callable[[str], Any]:

@@ -136,15 +136,15 @@ def onnxruntime_file(stage: StageInfo, precision: Precision, device: str = "cpu"
     return stage.file(precision, "attention" if has_attention and device != "tensorrt" else "canonical")
 
 
-def wants_memory_arena(stage: StageInfo) -> bool:
-    """Whether onnxruntime keeps its CPU memory arena for a stage: the denoisers, yes; the text encoder and the
-    tokenizer, no.
+def wants_memory_arena(stage: StageInfo, low_memory: bool = False) -> bool:
+    """Whether onnxruntime keeps its CPU memory arena for a stage: the denoisers, yes (except in low-memory mode,
+    where nothing is held between stages); the text encoder and the tokenizer, no.
 
     A denoiser runs every step on the same shapes. Without the arena each call maps its activations afresh (about
     39k page faults per call at `tiny`); with it they stay mapped, at the cost of holding the call's peak working
     memory between calls (docs/architecture.md §4 has the figures). The tokenizer and the text encoder run once or
     twice per clip with video-sized activations, which go back to the system after each call."""
-    return stage.denoiser is not None
+    return stage.denoiser is not None and not low_memory
 
 
 def make_runner(backend: str, path: str | Path, device: str = "cpu", threads: int = 0,

@@ -37,7 +37,6 @@ from pathlib import Path
 from types import ModuleType
 
 import onnx
-from pydantic import TypeAdapter, ValidationError
 
 from runtime.engine_registry import (
     ATTENTION,
@@ -55,7 +54,7 @@ from runtime.engine_registry import (
     resolve_attention,
     write_registry,
 )
-from runtime.errors import UsageError, WaltExportError, describe_validation, import_optional
+from runtime.errors import UsageError, WaltExportError, import_optional
 from runtime.files import artifact_lock, atomic_output, remove_staging, remove_stale, staging_directory
 from runtime.manifest import (
     MANIFEST,
@@ -69,7 +68,7 @@ from runtime.manifest import (
     sha256_of,
     write_manifest,
 )
-from runtime.request import Gigabytes
+from runtime.request import Count, Gigabytes, check_setting
 from walt_export.onnx_fp16 import write_fp16_files
 from walt_export.window_attention.onnx_contract import PLUGIN_VERSION
 
@@ -253,10 +252,9 @@ def build_engines(directory: str | Path, precision: Precision = "fp16", attentio
     if attention not in ATTENTION:
         raise UsageError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     workspace_bytes = _workspace(workspace_gb)
-    if static_batch is not None and (not isinstance(static_batch, int) or static_batch < 1):
-        raise UsageError(f"static_batch (--batch) is the number of videos per call, an integer >= 1, got "
-                         f"{static_batch!r}")
-    profile = EngineProfile.of(static_batch)
+    if static_batch is not None:
+        check_setting(Count, static_batch, "static_batch (--batch) is the number of videos per call")
+    profile = EngineProfile(static_batch=static_batch)
     read_manifest(directory)  # an artifact directory, before its lock file is made beside it
     trt = trt or import_tensorrt()
     if attention == "plugin":
@@ -359,9 +357,5 @@ def _workspace(gb: float | None) -> int | None:
     """TensorRT's workspace limit in bytes for `gb` GiB; UsageError unless it is None or a `Gigabytes` (finite, > 0)."""
     if gb is None:
         return None
-    try:
-        gb = TypeAdapter(Gigabytes).validate_python(gb, strict=True)
-    except ValidationError as e:
-        raise UsageError(f"workspace_gb (--workspace-gb) is TensorRT's workspace limit in GiB: "
-                         f"{describe_validation(e)}") from None
-    return int(gb * 2**30)
+    return int(check_setting(Gigabytes, gb, "workspace_gb (--workspace-gb) is TensorRT's workspace limit in GiB")
+               * 2**30)
