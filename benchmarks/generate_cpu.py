@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from runtime.cli import run_command
 from runtime.files import atomic_output, check_output
@@ -40,6 +42,7 @@ SECTIONS = ("memory", "long", "first-frame", "batch")
 PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right",
            "a yellow circle moving down")  # captions of the world tiny is trained on (docs/reference.md)
 GIB = 2**30
+T, R = TypeVar("T"), TypeVar("R")
 
 
 def child_generate(artifacts: Path, out_dir: Path, steps: int, extra: list[str], frames: int | None = None) -> dict:
@@ -59,14 +62,22 @@ def child_generate(artifacts: Path, out_dir: Path, steps: int, extra: list[str],
             "report": json.loads(report.read_text()), "stdout": stdout.strip().splitlines()[0]}
 
 
+def interleaved(settings: Sequence[T], repeats: int, run: Callable[[T], R]) -> dict[T, list[R]]:
+    """setting -> `run(setting)` of each of `repeats` rounds, every round over all settings, in alternating order
+    (forward, then backward), so that no setting always runs first."""
+    runs = {setting: [] for setting in settings}
+    for repeat in range(repeats):
+        for setting in (settings if repeat % 2 == 0 else settings[::-1]):
+            runs[setting].append(run(setting))
+    return runs
+
+
 def memory_section(args: argparse.Namespace, tmp: Path) -> dict:
     clip = read_manifest(args.artifacts).latent.frames
     configs = {"whole-clip decode": ["--decode-chunk", str(clip)], "default (streaming)": [],
                "--low-memory": ["--low-memory"]}
-    runs = {name: [] for name in configs}
-    for repeat in range(args.repeats):
-        for name in (list(configs) if repeat % 2 == 0 else list(configs)[::-1]):
-            runs[name].append(child_generate(args.artifacts, tmp, args.steps, configs[name]))
+    runs = interleaved(list(configs), args.repeats,
+                       lambda name: child_generate(args.artifacts, tmp, args.steps, configs[name]))
     default = statistics.median(r["max_rss_gib"] for r in runs["default (streaming)"])
     whole = statistics.median(r["max_rss_gib"] for r in runs["whole-clip decode"])
     print(f"\nPeak memory of one `generate` ({args.steps} steps per denoiser, {args.repeats} runs each, interleaved)")
@@ -95,13 +106,12 @@ def memory_section(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def long_section(args: argparse.Namespace, tmp: Path) -> dict:
+    from runtime.pipeline import video_lengths
+
     manifest = read_manifest(args.artifacts)
-    one, new = manifest.frames, (manifest.latent.frames - 2) * manifest.latent.temporal_factor
+    one, new = video_lengths(manifest)
     lengths = (one, one + new, args.long_frames)  # one clip; two (the encoder runs from the second on); long
-    runs = {frames: [] for frames in lengths}
-    for repeat in range(args.repeats):
-        for frames in (lengths if repeat % 2 == 0 else lengths[::-1]):
-            runs[frames].append(child_generate(args.artifacts, tmp, 1, [], frames))
+    runs = interleaved(lengths, args.repeats, lambda frames: child_generate(args.artifacts, tmp, 1, [], frames))
     clip_bytes = one * 3 * manifest.height * manifest.width * 4  # one clip's float32 frames
     print(f"\nA long video's memory (default settings, 1 step per denoiser, {args.repeats} runs each)")
     print("| frames | peak RSS GiB (median) | runs | highest RSS per stage, MiB (last run) | seconds (median) |\n"
@@ -156,17 +166,17 @@ def first_frame_section(args: argparse.Namespace) -> dict:
 def batch_section(args: argparse.Namespace) -> dict:
     from runtime.pipeline import Pipeline
 
-    sizes = (1, 2, 4)
-    seconds = {size: [] for size in sizes}
     with Pipeline.from_artifacts(args.artifacts) as pipe:
         pipe.generate(list(PROMPTS), seed=[0, 1, 2, 3], steps=1)  # warm-up: every stage at batch 4
-        for repeat in range(args.repeats):
-            for size in (sizes if repeat % 2 == 0 else sizes[::-1]):
-                start = time.perf_counter()
-                for first in range(0, len(PROMPTS), size):
-                    pipe.generate(list(PROMPTS[first:first + size]), seed=list(range(first, first + size)),
-                                  steps=args.steps)
-                seconds[size].append(time.perf_counter() - start)
+
+        def all_videos(size: int) -> float:
+            start = time.perf_counter()
+            for first in range(0, len(PROMPTS), size):
+                pipe.generate(list(PROMPTS[first:first + size]), seed=list(range(first, first + size)),
+                              steps=args.steps)
+            return time.perf_counter() - start
+
+        seconds = interleaved((1, 2, 4), args.repeats, all_videos)
     print(f"\nVideos per hour, {len(PROMPTS)} videos of {read_manifest(args.artifacts).frames} frames, "
           f"{args.steps} steps per denoiser ({args.repeats} rounds, interleaved)")
     print("| batch | seconds for 4 videos (median) | runs | videos per hour | vs batch 1 |\n|---|---|---|---|---|")

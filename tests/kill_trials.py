@@ -50,6 +50,17 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
 
 
+def kill_once_written(process: subprocess.Popen, path: Path, after: float, timeout: float) -> None:
+    """SIGKILL `process`'s process group (started with start_new_session) `after` seconds once `path` exists (or
+    once `timeout` seconds passed, or it exited, without it), and wait for it."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(after)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def _kill_after(args: list[str], delay: float) -> None:
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)

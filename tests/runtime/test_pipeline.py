@@ -1,13 +1,10 @@
 """The runtime cascade on the micro artifact: parity with PyTorch, modes, mp4 output, CLI, batch rendering."""
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from runtime.manifest import ArtifactError
 from runtime.pipeline import Pipeline, split_batch
 from runtime.request import Request
 from runtime.video import read_video, to_frames
+from tests import kill_trials
 
 ROOT = Path(__file__).resolve().parents[2]
 LATENT_TOL = Tolerance(atol=1e-4, rtol=1e-4)  # onnxruntime vs PyTorch through 3 steps x 3 stages x 2 clips
@@ -261,12 +259,7 @@ def test_render_resumes_after_being_killed_mid_job(micro_artifacts, tmp_path):
     code = "import sys\nfrom runtime.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
     process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / "clip0.mp4").exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the second job
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_trials.kill_once_written(process, out / "clip0.mp4", after=0.3, timeout=120)  # into the second job
     finished = sorted(p.name for p in out.glob("*.mp4") if not p.name.startswith("."))  # final names only
     assert "clip0.mp4" in finished and "clip2.mp4" not in finished
     for name in finished:  # whatever has its final name is complete

@@ -85,12 +85,7 @@ def test_batches_of_compatible_jobs_render_each_job_once_and_resume_after_kill_9
             "--batch", "3"]
     victim = subprocess.Popen(kill_trials._command(*args), cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (out / "c4.mp4").exists() and time.monotonic() < deadline and victim.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the second batch
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    kill_trials.kill_once_written(victim, out / "c4.mp4", after=0.5, timeout=300)  # into the second batch
     first = sorted(p.name for p in out.glob("c*.mp4"))
     assert first == ["c1.mp4", "c2.mp4", "c4.mp4"], (first, victim.stderr.read())  # a batch is written whole
     mtimes = {name: (out / name).stat().st_mtime_ns for name in first}
