@@ -3,7 +3,7 @@
 #   make test   run the test suite (what CI runs, through .ci/run)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= torch,cpu,t5,tools,trt-rtx,kernels,calibration,test
+EXTRAS ?= torch,cpu,t5,tools,trt-rtx,kernels,calibration,ray,test
 # a caption of the world tiny is trained on (docs/reference.md); at most 31 bytes: what its byte-level text encoder reads
 PROMPT ?= a red circle moving left
 

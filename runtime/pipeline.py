@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from runtime.errors import RequestError, UsageError, WaltExportError
 from runtime.manifest import DenoiserInfo, Manifest, Precision, check_file, read_manifest, rows_per_video
@@ -299,6 +300,16 @@ class Pipeline:
 
         return cls(manifest, runner_for, directory, backend, precision, low_memory=low_memory,
                    batch_profile=batch_profile, decode_chunk=decode_chunk, memory_report=memory_report)
+
+    @classmethod
+    def for_checks(cls, directory: str | Path) -> Pipeline:
+        """A pipeline over an artifact's manifest that checks requests (`check`, `videos_per_batch` against the
+        manifest's profile) and runs no model: for the driver of `render --ray` and the front end of `serve`, which
+        may run where the models cannot (no GPU, no TensorRT). Raises ArtifactError for a bad manifest."""
+        def no_models(name: str) -> Runner:
+            raise RuntimeError(f"Pipeline.for_checks runs no model (asked for {name}); open one with from_artifacts")
+
+        return cls(read_manifest(directory), no_models, directory)
 
     # --------------------------------------------------------------------------------------------- lifecycle
     def runner(self, name: str) -> Runner:
@@ -706,6 +717,28 @@ class Pipeline:
 
 
 Image = np.ndarray | str | Path  # a first frame: an (H, W, 3) uint8 array, or the path of an image file
+
+
+class PipelineSettings(BaseModel):
+    """How to open an artifact, as one typed value (the arguments of `Pipeline.from_artifacts`): what the CLIs
+    parse, and what each Ray worker and serving replica is given to open its own pipeline (`runtime.ray_cluster`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    artifacts: str  # the artifact directory; on a cluster, the same path on every node
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    precision: Precision | None = None
+    threads: int = 0
+    low_memory: bool = False
+    static_batch: int | None = None
+    decode_chunk: int = DECODE_CHUNK
+
+    def open(self, memory_report: bool = False) -> Pipeline:
+        """`Pipeline.from_artifacts` with these settings (its errors)."""
+        return Pipeline.from_artifacts(self.artifacts, self.backend, self.device, self.precision, self.threads,
+                                       low_memory=self.low_memory, static_batch=self.static_batch,
+                                       decode_chunk=self.decode_chunk, memory_report=memory_report)
 
 
 def split_batch(videos: int, low: int, high: int) -> list[tuple[int, int]]:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -34,6 +35,8 @@ from runtime.request import Request
 from runtime.video import mp4_writer
 
 log = logging.getLogger(__name__)
+
+Key = TypeVar("Key")
 
 RESULTS = "results.jsonl"
 LOCKS = ".locks"  # the output directory's lock files: one per job, and one for appending to results.jsonl
@@ -73,6 +76,13 @@ class JobResult(BaseModel):
     reason: str | None = None  # skipped, busy: why
     error: str | None = None  # failed: the exception
     time: str = ""  # when the line was written, ISO 8601 local time
+    worker: str = ""  # the process that wrote it, HOST:PID (with `render --ray`, the Ray worker)
+
+    @classmethod
+    def of(cls, number: int, job: Job, out_dir: str | Path, **outcome: object) -> JobResult:
+        """The result of the job on line `number`, whose mp4 goes into `out_dir`: `outcome` gives status etc."""
+        return cls(line=number, output=str(Path(out_dir) / job.output), prompt=job.prompt, class_id=job.class_id,
+                   seed=job.seed, **outcome)
 
 
 class JobsError(WaltExportError, ValueError):
@@ -117,16 +127,32 @@ def read_jobs(path: str | Path, pipeline: Pipeline) -> list[tuple[int, Job]]:
     return jobs
 
 
-def render(pipeline: Pipeline, jobs: list[tuple[int, Job]], out_dir: str | Path,
+def job_batches(pipeline: Pipeline, jobs: Sequence[tuple[Key, Request]],
+                size: int) -> list[list[tuple[Key, Request]]]:
+    """The jobs ((line number or id, request) pairs) in batches of up to `size` that can be generated together
+    (`GenerationPlan.batch_key`: same length, steps, guidance, image or not), in order: a batch as soon as `size`
+    jobs of its kind came, then what is left of each kind, in the order of its first job. `render`, `render --ray`
+    (`runtime.ray_render`) and `serve`'s replicas batch by this. Raises RequestError for a job that does not fit
+    the artifact (`read_jobs` has checked them all)."""
+    batches, waiting = [], {}
+    for number, job in jobs:
+        key = pipeline.check(job).batch_key
+        waiting.setdefault(key, []).append((number, job))
+        if len(waiting[key]) == size:
+            batches.append(waiting.pop(key))
+    return batches + list(waiting.values())
+
+
+def render(pipeline: Pipeline, jobs: Sequence[tuple[int, Job]], out_dir: str | Path,
            progress: Callable[[Sequence[int]], Progress | None] | None = None, batch: int = 1) -> Iterator[JobResult]:
     """Run the jobs whose output does not exist yet and that no other run holds, as the iterator is consumed;
     appends the result of each job it finished, skipped or failed to `out_dir/results.jsonl` and yields one result
     per job (busy ones included).
 
-    With `batch` > 1, jobs that can share a batch (`GenerationPlan.batch_key`: same length, steps, guidance, image or
-    not) are generated `batch` at a time in file order, each video streamed into its own mp4 as it is decoded; a
-    group of fewer (the last of its kind) runs as it is. Each job is still locked, skipped when done, and written
-    atomically on its own: a killed batch leaves none of its videos, and the next run redoes only those.
+    With `batch` > 1, jobs that can share a batch (`job_batches`) are generated `batch` at a time, each video
+    streamed into its own mp4 as it is decoded; the jobs of a batch that are done or held by another run are left
+    out of it. Each job is still locked, skipped when done, and written atomically on its own: a killed batch leaves
+    none of its videos, and the next run redoes only those.
 
     Args:
         progress: called with the line numbers of each batch, returns its Progress callback (or None).
@@ -134,32 +160,30 @@ def render(pipeline: Pipeline, jobs: list[tuple[int, Job]], out_dir: str | Path,
     goes on.
     """
     out_dir = Path(out_dir)
-    waiting: dict[tuple, list[_Held]] = {}  # batch key -> locked jobs to render together
-    try:
-        for number, job in jobs:
-            target = out_dir / job.output
-            lock = try_lock(out_dir / LOCKS / f"{job.output}.lock")
-            if lock is None:
-                yield JobResult(**_identity(number, job, target), status="busy", reason="another run holds it")
-                continue
-            remove_stale(target)  # a killed run's partial file: nobody else holds this job
-            if target.exists():
-                try:
-                    yield _append(out_dir, JobResult(**_identity(number, job, target), status="skipped",
-                                                     reason="already rendered", time=_now()))
-                finally:
-                    lock.release()
-                continue
-            key = pipeline.check(job).batch_key
-            waiting.setdefault(key, []).append(_Held(number, job, target, lock))
-            if len(waiting[key]) == batch:
-                yield from _render_batch(pipeline, waiting.pop(key), out_dir, progress)
-        while waiting:
-            yield from _render_batch(pipeline, waiting.pop(next(iter(waiting))), out_dir, progress)
-    finally:  # the iterator was closed early: free the jobs it held
-        for group in waiting.values():
-            for held in group:
-                held.lock.release()
+    for group in job_batches(pipeline, jobs, batch):
+        held: list[_Held] = []
+        try:
+            for number, job in group:
+                target = out_dir / job.output
+                lock = try_lock(out_dir / LOCKS / f"{job.output}.lock")
+                if lock is None:
+                    yield JobResult.of(number, job, out_dir, status="busy", reason="another run holds it")
+                    continue
+                held.append(_Held(number, job, target, lock))
+                remove_stale(target)  # a killed run's partial file: nobody else holds this job
+                if target.exists():
+                    held.pop()
+                    try:
+                        yield append_result(out_dir, JobResult.of(number, job, out_dir, status="skipped",
+                                                                  reason="already rendered"))
+                    finally:
+                        lock.release()
+        except BaseException:  # the iterator was closed early: free the jobs it held
+            for job in held:
+                job.lock.release()
+            raise
+        if held:
+            yield from _render_batch(pipeline, held, out_dir, progress)
 
 
 @dataclass(frozen=True)
@@ -170,14 +194,6 @@ class _Held:
     job: Job
     target: Path
     lock: object  # filelock.FileLock
-
-
-def _identity(number: int, job: Job, target: Path) -> dict:
-    return {"line": number, "output": str(target), "prompt": job.prompt, "class_id": job.class_id, "seed": job.seed}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _render_batch(pipeline: Pipeline, group: list[_Held], out_dir: Path,
@@ -200,15 +216,18 @@ def _render_batch(pipeline: Pipeline, group: list[_Held], out_dir: Path,
             log.exception("jobs %s failed", ", ".join(held.job.output for held in group))
             outcome = [{"status": "failed", "error": f"{type(e).__name__}: {e}"}] * len(group)
         for held, result in zip(group, outcome, strict=True):
-            yield _append(out_dir, JobResult(**_identity(held.number, held.job, held.target), **result, time=_now()))
+            yield append_result(out_dir, JobResult.of(held.number, held.job, out_dir, **result))
     finally:
         for held in group:
             held.lock.release()
 
 
-def _append(out_dir: Path, result: JobResult) -> JobResult:
-    """Append one line to results.jsonl, whole: one write under the results lock (runs on other machines append
-    to the same file)."""
+def append_result(out_dir: str | Path, result: JobResult) -> JobResult:
+    """Append one line to `out_dir/results.jsonl`, whole: one write under the results lock (runs on other machines
+    append to the same file). The line gets the time and this process (`worker`); returns the result as written."""
+    out_dir = Path(out_dir)
+    result = result.model_copy(update={"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                       "worker": f"{socket.gethostname()}:{os.getpid()}"})
     line = (result.model_dump_json(exclude_none=True) + "\n").encode()
     with exclusive(out_dir / LOCKS / f"{RESULTS}.lock", f"cannot append to {out_dir / RESULTS}: another run has "
                    "held its lock for a minute", timeout=60):

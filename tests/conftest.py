@@ -46,3 +46,13 @@ def sigint_children():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """The address of a local Ray cluster of 2 CPUs, started in this process once per session, which the tests'
+    commands join with `--ray ADDRESS` (a command's own local cluster takes seconds to start); stopped at the end."""
+    ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

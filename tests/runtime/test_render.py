@@ -137,9 +137,9 @@ def test_every_value_of_every_line_is_checked_before_anything_renders(micro_arti
 
 def test_the_results_file_is_one_valid_line_per_job_under_load(tmp_path):
     """Appends of many processes at once stay whole lines (the results lock)."""
-    code = ("import sys\nfrom runtime.render import JobResult, _append\nfrom pathlib import Path\n"
-            "for i in range(50):\n    _append(Path(sys.argv[1]), JobResult(line=i, output='x' * 5000, status='done', "
-            "seed=int(sys.argv[2])))\n")
+    code = ("import sys\nfrom runtime.render import JobResult, append_result\nfrom pathlib import Path\n"
+            "for i in range(50):\n    append_result(Path(sys.argv[1]), JobResult(line=i, output='x' * 5000, "
+            "status='done', seed=int(sys.argv[2])))\n")
     processes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(k)], cwd=ROOT) for k in range(4)]
     for p in processes:
         assert p.wait(timeout=120) == 0
