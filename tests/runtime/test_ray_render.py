@@ -11,8 +11,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import pytest
-
 from runtime.render import Job
 from tests import kill_trials
 from tests.runtime.test_render import JOBS, _check_every_job_done_once, _jobs
