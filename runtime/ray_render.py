@@ -89,7 +89,7 @@ def render_on_ray(ray, settings: PipelineSettings, checker: Pipeline, jobs: Sequ
              resources.model_dump(), len(queue))
     pending = {worker.ready.remote(): (worker, None) for worker in pool}  # ref -> (worker, its group or None)
     idle = []
-    since = time.monotonic()
+    since, lost_starting = time.monotonic(), 0
     try:
         while queue or any(group is not None for _, group in pending.values()):
             while queue and idle:
@@ -105,6 +105,11 @@ def render_on_ray(ray, settings: PipelineSettings, checker: Pipeline, jobs: Sequ
             try:
                 value = ray.get(done[0])
             except ray.exceptions.RayActorError as e:  # the worker's process or node is gone
+                if group is None:
+                    lost_starting += 1
+                    if lost_starting > (retries + 1) * len(pool):
+                        raise ClusterError(f"Ray workers died {lost_starting} times before they had opened the "
+                                           f"artifact ({_first_line(e)}); see the Ray logs of the workers") from None
                 pool.remove(worker)
                 replacement = actor.remote(settings)
                 pool.append(replacement)
@@ -113,9 +118,10 @@ def render_on_ray(ray, settings: PipelineSettings, checker: Pipeline, jobs: Sequ
                     yield from _lost(group, e, queue, out_dir, retries)
                 continue
             except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, WaltExportError):  # a worker that cannot open the artifact
-                    raise ClusterError(f"the Ray worker on {getattr(e, 'ip', None) or 'a node'} cannot open the "
-                                       f"artifact: {e.cause}") from None
+                if isinstance(e.cause, WaltExportError):  # e.g. a worker that cannot open the artifact
+                    doing = "cannot open the artifact" if group is None else "stopped"
+                    raise ClusterError(f"the Ray worker on {getattr(e, 'ip', None) or 'a node'} {doing}: "
+                                       f"{e.cause}") from None
                 raise
             idle.append(worker)
             if group is None:
@@ -131,7 +137,7 @@ def render_on_ray(ray, settings: PipelineSettings, checker: Pipeline, jobs: Sequ
 
 def _lost(group: _Group, error: Exception, queue: deque, out_dir: str, retries: int) -> Iterator[JobResult]:
     """A group whose worker died: back to the front of the queue, or failed after `retries` deaths."""
-    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = _first_line(error)
     group.deaths.append(cause)
     lines = ", ".join(str(number) for number, _ in group.jobs)
     if len(group.deaths) <= retries:
@@ -144,3 +150,8 @@ def _lost(group: _Group, error: Exception, queue: deque, out_dir: str, retries: 
         yield append_result(out_dir, JobResult.of(
             number, job, out_dir, status="failed",
             error=f"WorkerDied: its Ray worker died {len(group.deaths)} times ({cause})"))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
