@@ -246,6 +246,7 @@ def _run(args: argparse.Namespace) -> int:
         elif args.memory_report:
             raise UsageError("--memory-report measures this process; with --ray the models run in the Ray workers")
         else:
+            settings.check_files()  # a bad artifact is one line before Ray starts
             return _render_on_ray(args, settings, Pipeline.for_checks(args.artifacts), disable)
     if args.memory_report:
         check_output(args.memory_report, "--memory-report", "file", suffix=".json")
@@ -342,11 +343,10 @@ def _serve(args: argparse.Namespace, settings) -> int:
 
     from runtime.errors import import_optional
     from runtime.files import check_output
-    from runtime.pipeline import Pipeline
     from runtime.ray_cluster import RAY_EXTRA, connect, import_ray, worker_resources
 
     check_output(args.results_dir, "--results-dir", "directory")
-    Pipeline.for_checks(args.artifacts)  # a bad artifact is one line before Ray starts
+    settings.check_files()  # a bad artifact is one line before Ray starts
     import_ray()
     import_optional("ray.serve", RAY_EXTRA)  # Ray without its Serve part
     if args.ray == LOCAL:

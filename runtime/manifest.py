@@ -389,9 +389,9 @@ def artifact_path(directory: str | Path, name: str) -> Path:
     return path
 
 
-def check_file(directory: str | Path, entry: ModelFile | DataFile) -> Path:
+def check_file(directory: str | Path, entry: ModelFile | DataFile, hashed: bool = True) -> Path:
     """`directory / entry.file` after checking that it and, for a model, its external data lie inside `directory`
-    (`artifact_path`), exist and match their sha256.
+    (`artifact_path`), exist and (`hashed`) match their sha256.
 
     Raises ArtifactError naming the file that resolves outside the directory, is missing, or was modified.
     """
@@ -400,7 +400,7 @@ def check_file(directory: str | Path, entry: ModelFile | DataFile) -> Path:
         path = artifact_path(directory, f.file)
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; re-export the artifact (`walt-export onnx ...`)")
-        actual = sha256_of(path)
+        actual = sha256_of(path) if hashed else f.sha256
         if actual != f.sha256:
             raise ArtifactError(f"{path} does not match the manifest (sha256 {actual[:12]}..., expected "
                                 f"{f.sha256[:12]}...): the file was modified or truncated; re-export the artifact")

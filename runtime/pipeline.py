@@ -289,10 +289,7 @@ class Pipeline:
                 raise UsageError("a static batch selects TensorRT plans (`walt-export engines --profile static`); "
                                  "use it with --backend tensorrt")
             check_device(device)
-            manifest.require_files(precision, directory)
-            files = {name: check_file(directory, onnxruntime_file(stage, stage.precision.resolve(precision),
-                                                                  device))
-                     for name, stage in manifest.stages.items()}
+            files = onnxruntime_files(manifest, directory, precision, device)
 
         def runner_for(name: str) -> Runner:
             return make_runner(backend, files[name], device, threads,
@@ -734,11 +731,30 @@ class PipelineSettings(BaseModel):
     static_batch: int | None = None
     decode_chunk: int = DECODE_CHUNK
 
+    def check_files(self) -> None:
+        """Check here, before any worker starts, what the workers of `render --ray` and `serve` will open: the
+        manifest, and for onnxruntime that the files of this precision exist (each worker checks their sha256 as it
+        opens them; TensorRT plans too, as this machine may have no TensorRT). Raises ArtifactError."""
+        manifest = read_manifest(self.artifacts)
+        if self.backend == "onnxruntime":
+            onnxruntime_files(manifest, self.artifacts, self.precision or DEFAULT_PRECISION[self.backend],
+                              self.device, hashed=False)
+
     def open(self, memory_report: bool = False) -> Pipeline:
         """`Pipeline.from_artifacts` with these settings (its errors)."""
         return Pipeline.from_artifacts(self.artifacts, self.backend, self.device, self.precision, self.threads,
                                        low_memory=self.low_memory, static_batch=self.static_batch,
                                        decode_chunk=self.decode_chunk, memory_report=memory_report)
+
+
+def onnxruntime_files(manifest: Manifest, directory: str | Path, precision: Precision, device: str,
+                      hashed: bool = True) -> dict[str, Path]:
+    """stage -> the ONNX file onnxruntime runs for it on `device` (`onnxruntime_file`) in the precision its policy
+    gives `precision`, after checking that the artifact has files of that precision and that each one exists (and,
+    `hashed`, matches its sha256). Raises ArtifactError naming the file, or the command that makes them."""
+    manifest.require_files(precision, directory)
+    return {name: check_file(directory, onnxruntime_file(stage, stage.precision.resolve(precision), device), hashed)
+            for name, stage in manifest.stages.items()}
 
 
 def split_batch(videos: int, low: int, high: int) -> list[tuple[int, int]]:

@@ -13,6 +13,8 @@ worker reserves `cpus` CPUs and runs its models on that many threads (unless --t
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 from pydantic import BaseModel, ConfigDict
 
@@ -22,6 +24,7 @@ from runtime.pipeline import PipelineSettings
 log = logging.getLogger(__name__)
 
 RAY_EXTRA = "pip install 'walt-export[ray]'"
+CONNECT_TIMEOUT_S = 10  # for a cluster's address to accept a connection
 LOCAL = "local"  # `--ray` without an address: start a Ray instance on this machine for the run
 
 
@@ -57,13 +60,31 @@ def connect(address: str, verbose: bool = False):
     ray = import_ray()
     if ray.is_initialized():
         return ray
+    if address not in (LOCAL, "auto"):
+        _probe(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING)
     except ConnectionError as e:
-        raise ClusterError(f"no Ray cluster answers at --ray {address} ({e}); start one with `ray start --head` on "
-                           "the head node, or give --ray without an address for a local one") from None
+        auth = "" if address in (LOCAL, "auto") or os.environ.get("RAY_AUTH_MODE") == "token" else (
+            "; if the cluster uses token authentication (Ray's default when it has a token), set RAY_AUTH_MODE=token "
+            "and give its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)")
+        raise ClusterError(f"cannot join a Ray cluster at --ray {address} ({e}){auth}; start one with `ray start "
+                           "--head` on the head node, or give --ray without an address for a local one") from None
     log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
     return ray
+
+
+def _probe(address: str) -> None:
+    """ClusterError at once when nothing listens at a HOST:PORT (or ray://HOST:PORT) address; Ray itself would
+    retry for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except ValueError:
+        raise ClusterError(f"--ray {address}: expected auto, HOST:PORT or ray://HOST:PORT") from None
+    except OSError as e:
+        raise ClusterError(f"no Ray cluster answers at --ray {address} ({e.strerror or e}); start one with `ray "
+                           "start --head` there, or give --ray without an address for a local one") from None
 
 
 def uses_gpu(settings: PipelineSettings) -> bool:

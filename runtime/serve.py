@@ -146,7 +146,8 @@ class VideoGenerator:
 
 
 # ------------------------------------------------------------------------------------------------ front end
-api = FastAPI(title="walt-export video API")
+# No /docs, /redoc or /openapi.json: they would answer without the token (the API is in docs/scaleout.md §3).
+api = FastAPI(title="walt-export video API", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.ingress(api)  # at import: each replica imports this module, routes included
@@ -194,10 +195,14 @@ class VideoAPI:
                                '{"prompt": "a corgi", "seed": 1}') from None
         if not isinstance(fields, dict):
             raise RequestError('the body must be a JSON object such as {"prompt": "a corgi", "seed": 1}')
+        image = None
         if fields.get("image") is not None:
-            fields["image"] = str(self.store.save_image(video_id, fields["image"]))
+            image = fields["image"] = str(self.store.save_image(video_id, fields["image"]))
         request = Request.parse(**fields)
-        self.checker.check(request)
+        try:
+            self.checker.check(request)
+        except RequestError as e:  # the client knows its image as "image", not by this server's path
+            raise RequestError(str(e).replace(image, "the uploaded image") if image else str(e)) from None
         return request
 
     async def _run(self, job: VideoJob) -> None:
@@ -241,9 +246,10 @@ class VideoAPI:
 
     def _authorize(self, http: HTTPRequest) -> None:
         """Every route's first check: the bearer token, when the server has one (401 before anything is read)."""
-        token, sent = self.settings.token, http.headers.get("authorization", "")
-        if token and not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            raise HTTPException(401, "this server needs a token: send the header 'Authorization: Bearer TOKEN'",
+        token, sent = self.settings.token, http.headers.get("authorization")
+        if token and not hmac.compare_digest((sent or "").encode(), f"Bearer {token}".encode()):
+            problem = "needs a token" if sent is None else "did not accept the token sent"
+            raise HTTPException(401, f"this server {problem}: send the header 'Authorization: Bearer TOKEN'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
     def _find(self, video_id: str) -> VideoStatus:
@@ -265,7 +271,7 @@ class VideoAPI:
 def application(settings: ServeSettings):
     """The Serve application: the front end bound to `replicas` generator replicas."""
     generator = serve.deployment(VideoGenerator, name="VideoGenerator").options(
-        num_replicas=settings.replicas, max_ongoing_requests=settings.batch, max_constructor_retry_count=3,
+        num_replicas=settings.replicas, max_ongoing_requests=settings.batch, max_constructor_retry_count=1,
         ray_actor_options=settings.resources.model_dump())
     front = serve.deployment(VideoAPI, name="VideoAPI").options(
         num_replicas=1, max_ongoing_requests=max(100, 4 * settings.queue), ray_actor_options={"num_cpus": 0})

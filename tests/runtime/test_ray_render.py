@@ -79,19 +79,38 @@ def test_a_worker_killed_mid_job_has_its_job_retried_on_another(micro_artifacts,
     assert kill_trials._hidden(out, allowed=(".locks",)) == []
 
 
-def test_a_worker_that_cannot_open_the_artifact_stops_the_run_in_one_line(micro_artifacts, ray_address, tmp_path):
-    """The driver checks the manifest, not the model files: a node without them is reported as its worker's error."""
+def test_an_artifact_the_workers_cannot_open_stops_the_run_in_one_line(micro_artifacts, ray_address, tmp_path):
+    """A missing file is found by the driver before Ray starts; a modified one (its sha256) by the workers, whose
+    error names the node."""
     directory, _ = micro_artifacts
     broken = tmp_path / "micro"
     shutil.copytree(directory, broken)
-    (broken / "tokenizer_decoder.onnx").unlink()
+    model = broken / "tokenizer_decoder.onnx"
+    model.rename(tmp_path / "kept.onnx")
     run = _render_on_ray(broken, _jobs(tmp_path), tmp_path / "out", ray_address)
     _, stderr = run.communicate(timeout=300)
-    assert run.returncode == 1 and stderr.strip().splitlines()[-1].startswith(
-        "python -m runtime: error: the Ray worker on ") and stderr.strip().endswith(
-        f"cannot open the artifact: {broken / 'tokenizer_decoder.onnx'} is missing; re-export the artifact "
-        "(`walt-export onnx ...`)"), stderr
+    assert run.returncode == 1 and stderr.strip().splitlines() == [
+        f"python -m runtime: error: {model} is missing; re-export the artifact (`walt-export onnx ...`)"], stderr
+    (tmp_path / "kept.onnx").rename(model)
+    with model.open("ab") as f:
+        f.write(b"\0")
+    run = _render_on_ray(broken, _jobs(tmp_path), tmp_path / "out", ray_address)
+    _, stderr = run.communicate(timeout=300)
+    last = stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and last.startswith("python -m runtime: error: the Ray worker on ") and (
+        f"cannot open the artifact: {model} does not match the manifest" in last), stderr
     assert not list((tmp_path / "out").glob("*.mp4"))
+
+
+def test_an_address_where_no_cluster_listens_is_refused_at_once(micro_artifacts, tmp_path):
+    directory, _ = micro_artifacts
+    start = time.monotonic()
+    run = _render_on_ray(directory, _jobs(tmp_path), tmp_path / "out", "127.0.0.1:9")
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1 and stderr.strip().splitlines()[-1] == (
+        "python -m runtime: error: no Ray cluster answers at --ray 127.0.0.1:9 (Connection refused); start one with "
+        "`ray start --head` there, or give --ray without an address for a local one"), stderr
+    assert time.monotonic() - start < 60
 
 
 def test_a_group_whose_workers_keep_dying_is_recorded_failed_after_its_retries(tmp_path):

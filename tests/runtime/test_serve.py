@@ -53,8 +53,11 @@ def test_without_the_token_every_route_is_401_and_nothing_runs(server):
         assert call(f"{url}/v1/videos", wrong, {"prompt": "a", "seed": 1}).code == 401
         assert call(f"{url}/v1/videos/video_{'0' * 32}", wrong).code == 401
         assert call(f"{url}/healthz", wrong).code == 401
+    assert call(f"{url}/v1/videos", None, {"prompt": "a"}).body["detail"].startswith("this server needs a token")
+    assert call(f"{url}/healthz", "wrong").body["detail"].startswith("this server did not accept the token sent")
     assert sorted(results.iterdir()) == before
     assert call(f"{url}/healthz", TOKEN).body["active"] == 0
+    assert call(f"{url}/docs", None).code == 404 and call(f"{url}/openapi.json", None).code == 404
 
 
 @pytest.mark.parametrize("body, says", [
@@ -63,7 +66,8 @@ def test_without_the_token_every_route_is_401_and_nothing_runs(server):
     ({"prompt": "a", "colour": "red"}, "colour: Extra inputs are not permitted (got 'red')"),
     ({"prompt": "a", "seed": -1}, "seed: Input should be greater than or equal to 0 (got -1)"),
     ({"prompt": "a", "image": "%%%"}, "image: not valid base64"),
-    ({"prompt": "a", "image": base64.b64encode(b"not an image").decode()}, "image"),
+    ({"prompt": "a", "image": base64.b64encode(b"not an image").decode()},
+     "cannot read an image from the uploaded image: not an image format Pillow reads"),
     ([1, 2], "the body must be a JSON object"),
 ])
 def test_a_malformed_request_is_422_naming_the_field_as_the_cli_does(server, body, says):
