@@ -311,7 +311,6 @@ def _render_on_ray(args: argparse.Namespace, settings, checker, disable: bool | 
 
     jobs = read_jobs(args.jobs, checker)
     ray = connect(args.ray, args.verbose)
-    settings = settings.model_copy(update={"artifacts": str(Path(args.artifacts).absolute())})
     results, workers = [], []
     with tqdm(total=len(jobs), desc="jobs", unit="job", disable=disable, file=sys.stderr) as bar:
         def started(where: str) -> None:
@@ -343,7 +342,7 @@ def _serve(args: argparse.Namespace, settings) -> int:
 
     from runtime.errors import import_optional
     from runtime.files import check_output
-    from runtime.ray_cluster import RAY_EXTRA, connect, import_ray, worker_resources
+    from runtime.ray_cluster import RAY_EXTRA, connect, import_ray, worker_resources, worker_settings
 
     check_output(args.results_dir, "--results-dir", "directory")
     settings.check_files()  # a bad artifact is one line before Ray starts
@@ -354,8 +353,8 @@ def _serve(args: argparse.Namespace, settings) -> int:
     connect(args.ray, args.verbose)
     from runtime.serve import ServeSettings, serving
 
-    settings = settings.model_copy(update={"artifacts": str(Path(args.artifacts).absolute())})
-    config = ServeSettings(pipeline=settings, resources=worker_resources(settings, args.worker_cpus),
+    resources = worker_resources(settings, args.worker_cpus)
+    config = ServeSettings(pipeline=worker_settings(settings, resources), resources=resources,
                            replicas=args.replicas, batch=args.batch, queue=args.queue,
                            results_dir=str(Path(args.results_dir).absolute()), expire_after=args.expire_after,
                            token=args.token or None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
@@ -99,11 +100,13 @@ def worker_resources(settings: PipelineSettings, cpus: float) -> WorkerResources
 
 
 def worker_settings(settings: PipelineSettings, resources: WorkerResources) -> PipelineSettings:
-    """A CPU worker runs its models on the CPUs it reserved (threads = its CPUs, at least 1) unless the user set
-    --threads; a GPU worker's settings are the user's."""
-    if resources.num_gpus or settings.threads:
-        return settings
-    return settings.model_copy(update={"threads": max(1, int(resources.num_cpus))})
+    """What each worker (or replica) opens, made on the driver: the artifact's absolute path (a worker's working
+    directory is not the driver's), and for a CPU worker threads = the CPUs it reserved (at least 1) unless the user
+    set --threads."""
+    update = {"artifacts": str(Path(settings.artifacts).absolute())}
+    if not resources.num_gpus and not settings.threads:
+        update["threads"] = max(1, int(resources.num_cpus))
+    return settings.model_copy(update=update)
 
 
 def worker_count(ray, resources: WorkerResources, wanted: int | None, work: int) -> int:

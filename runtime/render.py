@@ -179,8 +179,8 @@ def render(pipeline: Pipeline, jobs: Sequence[tuple[int, Job]], out_dir: str | P
                     finally:
                         lock.release()
         except BaseException:  # the iterator was closed early: free the jobs it held
-            for job in held:
-                job.lock.release()
+            for taken in held:
+                taken.lock.release()
             raise
         if held:
             yield from _render_batch(pipeline, held, out_dir, progress)

@@ -38,11 +38,11 @@ from ray import serve
 
 from runtime.errors import RequestError, WaltExportError
 from runtime.pipeline import Pipeline, PipelineSettings
-from runtime.ray_cluster import WorkerResources, worker_settings
+from runtime.ray_cluster import WorkerResources
 from runtime.render import job_batches
 from runtime.request import Request
 from runtime.video import mp4_writer
-from runtime.video_store import VideoStatus, VideoStore, is_video_id, new_id
+from runtime.video_store import VideoStatus, VideoStore, new_id
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pipeline: PipelineSettings
+    pipeline: PipelineSettings  # what each generator replica opens (`ray_cluster.worker_settings`)
     resources: WorkerResources  # per generator replica
     replicas: int = 1
     batch: int = 1  # videos one replica generates together, at most
@@ -83,7 +83,7 @@ class VideoGenerator:
     """A generator replica: one Pipeline, one batch at a time, each video streamed into its mp4 in the store."""
 
     def __init__(self, settings: ServeSettings):
-        self.pipeline = worker_settings(settings.pipeline, settings.resources).open()
+        self.pipeline = settings.pipeline.open()
         self.store = VideoStore(settings.results_dir, settings.expire_after)
         self.generate.set_max_batch_size(settings.batch)
 
@@ -253,7 +253,7 @@ class VideoAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     def _find(self, video_id: str) -> VideoStatus:
-        status = self.store.read(video_id) if is_video_id(video_id) else None
+        status = self.store.read(video_id)  # None for a string that is not an id, too
         if status is None:
             raise HTTPException(404, f"no video {video_id!r} (unknown, or expired after "
                                      f"{self.settings.expire_after:g} s)")
