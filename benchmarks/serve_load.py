@@ -203,8 +203,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def server(artifacts: str | Path, results_dir: str | Path, *options: str, token: str | None = TOKEN,
            startup_s: float = 180) -> Iterator[str]:
-    """`python -m runtime serve` on a free loopback port for the block (stopped with SIGINT after); gives its URL
-    once /healthz answers. Raises RuntimeError with the server's output when it does not start."""
+    """`python -m runtime serve` on a free loopback port for the block, stopped after with SIGTERM (which `serve`
+    handles as Ctrl-C, and which a background job, unlike SIGINT, never has ignored); gives its URL once /healthz
+    answers. Raises RuntimeError with the server's output when it does not start."""
     port = free_port()
     env = dict(os.environ) | ({"WALT_API_TOKEN": token} if token else {})
     env.pop("RAY_ADDRESS", None)
@@ -227,7 +228,7 @@ def server(artifacts: str | Path, results_dir: str | Path, *options: str, token:
             time.sleep(0.5)
         yield url
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
